@@ -1,0 +1,147 @@
+"""`VASSO`: the VASSO step as a `torch.optim.Optimizer` wrapper, for plain PyTorch and Accelerate loops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .update import VassoUpdate
+
+
+class VASSO(torch.optim.Optimizer):
+    """Wrap a base optimizer so that it steps with the gradient at the VASSO adversary.
+
+    `param_groups` and `state` are the base optimizer's own, so LR schedulers, `zero_grad` and checkpoints keep
+    working; `state_dict()` is the base optimizer's with the VASSO state (d, step count) under the key `"vasso"`.
+
+    Plain loop (same API as davda54/sam)::
+
+        optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=1e-3), rho=0.05, theta=0.4)
+        loss_fn(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)     # d <- EMA(g), x <- x + eps
+        loss_fn(model(x), y).backward()          # gradient at the perturbed weights
+        optimizer.second_step(zero_grad=True)    # x restored exactly, base step
+
+    or `optimizer.step(closure)` with a closure that runs the forward and backward pass (after the first backward).
+    With `adversary_prob < 1` (eVASSO), `first_step` returns False on steps without adversary: it then keeps the
+    pass-1 gradient and the caller skips pass 2 and calls `second_step` (or `step`) at once.
+
+    Under Accelerate with fp16, pass the scaler so d sees unscaled gradients, and restore before Accelerate's step
+    (which may skip the base step on overflow)::
+
+        optimizer.first_step(zero_grad=True, grad_scaler=accelerator.scaler)
+        accelerator.backward(loss_fn(model(x), y))
+        optimizer.restore()
+        prepared_optimizer.step()                 # unscale, skip on overflow, base step
+
+    Args:
+        base_optimizer (`torch.optim.Optimizer`): the optimizer that takes the step (AdamW, SGD, ...).
+        rho (`float`): perturbation radius, >= 0.
+        theta (`float`): weight of the newest gradient in d, in (0, 1]; 1.0 is SAM.
+        adversary_prob (`float`): probability of an adversary step, in [0, 1]; below 1 is eVASSO.
+        seed (`int`): seed of the eVASSO coins, drawn from (seed, step).
+    """
+
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        *,
+        rho: float = 0.05,
+        theta: float = 0.4,
+        adversary_prob: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer instance, got {type(base_optimizer).__name__}: "
+                "build it first, e.g. VASSO(torch.optim.AdamW(model.parameters()), rho=0.05)."
+            )
+        self.base_optimizer = base_optimizer
+        params = [p for group in base_optimizer.param_groups for p in group["params"]]
+        self.vasso = VassoUpdate(params, rho=rho, theta=theta, adversary_prob=adversary_prob, seed=seed)
+        super().__init__(params, dict(base_optimizer.defaults))
+        self._share_base_state()
+
+    def _share_base_state(self) -> None:
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults = self.base_optimizer.defaults
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> bool:
+        """Fold the current (pass-1) gradient into d and, on an adversary step, perturb the weights.
+
+        Returns whether the weights were perturbed (False only on eVASSO's skipped steps, which keep the gradient for
+        the base step). `grad_scaler`: the GradScaler that scaled the backward pass, if any (fp16).
+        """
+        adversary = self.vasso.adversary_step()
+        scale = grad_scaler._scale if grad_scaler is not None and grad_scaler.is_enabled() else None
+        self.vasso.absorb_gradient(scale)
+        if not adversary:
+            return False
+        self.vasso.perturb()  # also clears the gradients: pass 2 must start from zero
+        if zero_grad:
+            self.zero_grad()
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the weights saved by `first_step`, bit for bit; a no-op when they are not perturbed."""
+        self.vasso.restore()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the weights and step the base optimizer with the current (pass-2) gradient."""
+        self.vasso.restore()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Without a closure: restore the weights if perturbed, then the base step (Accelerate calls this form).
+
+        With a closure (forward + backward at the current weights, returning the loss), after the pass-1 backward:
+        the whole VASSO step. Returns the closure's loss, or None when eVASSO skipped pass 2.
+        """
+        if closure is None:
+            self.vasso.restore()
+            return self.base_optimizer.step()
+        loss = None
+        if self.first_step(zero_grad=True):
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            finally:
+                self.vasso.restore()
+        self.base_optimizer.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.base_optimizer.state_dict()
+        state["vasso"] = self.vasso.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        if "vasso" not in state_dict:
+            raise ValueError(
+                "This optimizer state has no 'vasso' entry: it was not saved from a VASSO optimizer. Load it into "
+                "the base optimizer (optimizer.base_optimizer.load_state_dict) to start d afresh."
+            )
+        vasso_state = state_dict.pop("vasso")
+        self.base_optimizer.load_state_dict(state_dict)
+        self._share_base_state()  # load_state_dict rebinds the base optimizer's param_groups and state
+        self.vasso.load_state_dict(vasso_state)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The `vasso/*` metrics averaged since the last call (see the README's "Logged metrics")."""
+        return self.vasso.pop_metrics()
+
+    def __repr__(self) -> str:
+        v = self.vasso
+        return (
+            f"VASSO(rho={v.rho}, theta={v.theta}, adversary_prob={v.adversary_prob}, "
+            f"base_optimizer={self.base_optimizer!r})"
+        )
