@@ -1,0 +1,92 @@
+"""Image data that ships inside packages, for recipes and benchmarks that must run with no network.
+
+Fashion-MNIST comes from the Debian package `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`);
+scikit-learn's 8x8 digits are the fallback when that package is absent. Both come back as a `datasets.DatasetDict`
+with `train` and `test` splits, an `image` column (float32, shape [1, H, W], values in [0, 1]) and a `label` column.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_LABELS = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """Read a gzip'd IDX file (the MNIST format): a magic number giving the rank, the dimensions, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        zero, dtype_code, rank = struct.unpack(">HBB", f.read(4))
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError(f"{path} is not an IDX file of unsigned bytes.")
+        shape = struct.unpack(">" + "I" * rank, f.read(4 * rank))
+        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
+
+
+def fashion_mnist_available(root: str = FASHION_MNIST_DIR) -> bool:
+    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz")
+    return all(os.path.isfile(os.path.join(root, n)) for n in names + ("t10k-labels-idx1-ubyte.gz",))
+
+
+def load_embedded_images(
+    max_train: int | None = None, max_test: int | None = None, seed: int = 0, root: str = FASHION_MNIST_DIR
+):
+    """Return `(DatasetDict(train, test), name, label_names)` from Fashion-MNIST, or sklearn digits without it.
+
+    `max_train` / `max_test` keep a class-balanced-in-expectation random subset (seeded), so small runs stay
+    representative. The digits fallback has no official split: a seeded 80/20 split is used.
+    """
+    import datasets
+
+    if fashion_mnist_available(root):
+        name, label_names = "fashion_mnist", FASHION_MNIST_LABELS
+        splits = {
+            split: (_read_idx(f"{root}/{p}-images-idx3-ubyte.gz"), _read_idx(f"{root}/{p}-labels-idx1-ubyte.gz"))
+            for split, p in (("train", "train"), ("test", "t10k"))
+        }
+        splits = {k: (x.astype(np.float32) / 255.0, y.astype(np.int64)) for k, (x, y) in splits.items()}
+    else:
+        from sklearn.datasets import load_digits
+
+        name, label_names = "sklearn_digits", [str(i) for i in range(10)]
+        digits = load_digits()
+        x, y = digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64)
+        order = np.random.default_rng(seed).permutation(len(y))
+        cut = int(0.8 * len(y))
+        splits = {"train": (x[order[:cut]], y[order[:cut]]), "test": (x[order[cut:]], y[order[cut:]])}
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, limit in (("train", max_train), ("test", max_test)):
+        x, y = splits[split]
+        if limit is not None and limit < len(y):
+            keep = np.sort(rng.choice(len(y), size=limit, replace=False))
+            x, y = x[keep], y[keep]
+        features = datasets.Features(
+            {
+                "image": datasets.Array3D(shape=(1,) + x.shape[1:], dtype="float32"),
+                "label": datasets.ClassLabel(names=label_names),
+            }
+        )
+        out[split] = datasets.Dataset.from_dict({"image": x[:, None], "label": y}, features=features)
+    return datasets.DatasetDict(out), name, label_names
+
+
+def apply_label_noise(labels: np.ndarray, fraction: float, num_labels: int, seed: int = 0):
+    """Symmetric label noise: a `fraction` of the labels, chosen at random, is replaced by a different class drawn
+    uniformly. Returns `(noisy_labels, flipped_mask)`."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"label noise fraction={fraction} must be in [0, 1).")
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    flipped = np.zeros(len(labels), dtype=bool)
+    flipped[rng.choice(len(labels), size=int(round(fraction * len(labels))), replace=False)] = True
+    offsets = rng.integers(1, num_labels, size=len(labels))  # never the true class
+    noisy = np.where(flipped, (labels + offsets) % num_labels, labels)
+    return noisy, flipped
