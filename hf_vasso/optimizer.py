@@ -94,8 +94,7 @@ class VASSO(torch.optim.Optimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the weights and step the base optimizer with the current (pass-2) gradient."""
-        self.vasso.restore()
-        self.base_optimizer.step()
+        self.step()  # through step(), so LR schedulers see the optimizer step
         if zero_grad:
             self.zero_grad()
 

@@ -1,0 +1,106 @@
+"""Checkpoints hold all VASSO state: a resumed run continues bit for bit."""
+
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+from helpers import make_args, make_data, make_dataset, make_model, weights
+
+from hf_vasso import VASSO, VassoTrainer
+from hf_vasso.vasso_trainer import VASSO_STATE_NAME
+
+
+def run(output_dir, resume=None, **overrides):
+    args = make_args(output_dir, max_steps=8, save_strategy="steps", save_steps=4, adversary_prob=0.5, **overrides)
+    trainer = VassoTrainer(model=make_model(), args=args, train_dataset=make_dataset(n=64))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_is_bit_exact(tmp_path, accumulation):
+    batch = {"per_device_train_batch_size": 16 // accumulation, "gradient_accumulation_steps": accumulation}
+    full = run(tmp_path / "full", **batch)
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / VASSO_STATE_NAME).is_file()
+
+    resumed = run(tmp_path / "resumed", resume=str(checkpoint), **batch)
+    for name, value in weights(full.model).items():
+        assert torch.equal(value, weights(resumed.model)[name]), name
+    for d, d_full in zip(resumed._vasso.d, full._vasso.d):
+        assert torch.equal(d, d_full)
+    assert resumed._vasso.step == full._vasso.step == 8
+
+
+def test_resume_without_vasso_state_diverges_and_warns(tmp_path, caplog):
+    """The control for the test above: the same resume without d does not continue the run."""
+    full = run(tmp_path / "full")
+    checkpoint = tmp_path / "stripped"
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", checkpoint)
+    os.remove(checkpoint / VASSO_STATE_NAME)
+    with caplog.at_level("WARNING"):
+        resumed = run(tmp_path / "resumed", resume=str(checkpoint))
+    assert "holds no VASSO state" in caplog.text
+    diff = max((a - b).abs().max().item() for a, b in zip(full.model.parameters(), resumed.model.parameters()))
+    assert diff > 1e-6
+
+
+def test_state_file_contents(tmp_path):
+    trainer = run(tmp_path)
+    state = torch.load(tmp_path / "checkpoint-8" / VASSO_STATE_NAME, weights_only=True)
+    assert state["step"] == 8
+    assert state["initialized"] is True
+    assert state["param_names"] == [n for n, p in trainer.model.named_parameters()]
+    assert [d.shape for d in state["d"]] == [p.shape for p in trainer.model.parameters()]
+    assert all(d.dtype == torch.float32 for d in state["d"])
+
+
+def test_state_for_other_parameters_is_refused(tmp_path):
+    run(tmp_path / "a")
+    trainer = VassoTrainer(model=make_model(), args=make_args(tmp_path / "b"), train_dataset=make_dataset())
+    state = torch.load(tmp_path / "a" / "checkpoint-4" / VASSO_STATE_NAME, weights_only=True)
+    state["d"] = state["d"][:-1]
+    with pytest.raises(ValueError, match="do not match"):
+        trainer._vasso_update().load_state_dict(state)
+
+
+def test_wrapper_state_dict_round_trip():
+    """VASSO.state_dict() is the base optimizer's plus d: a reload continues bit for bit, LR schedulers work."""
+    x, y = make_data()
+
+    def step(model, optimizer):
+        model(x, labels=y)["loss"].backward()
+        optimizer.first_step(zero_grad=True)
+        model(x, labels=y)["loss"].backward()
+        optimizer.second_step(zero_grad=True)
+
+    model = make_model()
+    optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=1e-2), rho=0.1, theta=0.3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    for _ in range(3):
+        step(model, optimizer)
+        scheduler.step()
+    assert optimizer.base_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 8)
+    state = copy.deepcopy(optimizer.state_dict())  # as torch.save + torch.load would: no shared tensors
+    assert "vasso" in state and state["vasso"]["step"] == 3 and "exp_avg" in state["state"][0]
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+
+    twin = make_model()
+    twin.load_state_dict(saved_model)
+    twin_optimizer = VASSO(torch.optim.AdamW(twin.parameters(), lr=1e-2), rho=0.1, theta=0.3)
+    twin_optimizer.load_state_dict(state)
+    assert twin_optimizer.param_groups is twin_optimizer.base_optimizer.param_groups
+    for _ in range(3):
+        step(model, optimizer)
+        step(twin, twin_optimizer)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_wrapper_refuses_state_without_vasso():
+    model = make_model()
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="no 'vasso' entry"):
+        optimizer.load_state_dict(optimizer.base_optimizer.state_dict())
