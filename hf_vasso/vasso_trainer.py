@@ -180,7 +180,11 @@ class VassoTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        candidates = [_per_rank_name(self.args.process_index), VASSO_STATE_NAME]
+        if self._vasso_state_is_per_rank():
+            candidates = [_per_rank_name(self.args.process_index), VASSO_STATE_NAME]
+        else:
+            # Every rank must hold the same d: from a per-rank checkpoint, all take rank 0's.
+            candidates = [VASSO_STATE_NAME, _per_rank_name(0)]
         paths = [os.path.join(checkpoint, name) for name in candidates]
         path = next((p for p in paths if os.path.isfile(p)), None)
         if path is None:
