@@ -1,0 +1,108 @@
+"""Helpers shared by the benchmark scripts: the machine description, the data, the small ViT, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+DEFAULT_OUT = os.path.join(HERE, "results")
+
+
+def machine() -> dict:
+    """What produced a result: CPU model, cores, threads used, library versions."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def command() -> str:
+    """The command line that produced a result, relative to the repository root."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
+    return " ".join(["python", script] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def provenance_md(info: dict, cmd: str) -> str:
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
+    return (
+        f"Command: `{cmd}`\n\n"
+        f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads){gpu}; "
+        f"torch {info['torch']}, transformers {info['transformers']}, Python {info['python']}; {info['date_utc']}.\n"
+    )
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def fashion_mnist_tensors():
+    """Fashion-MNIST (Debian package) as tensors: `(x_train, y_train, x_test, y_test, name)`, x float32 [N,1,28,28]."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    import embedded_data
+
+    if embedded_data.fashion_mnist_available():
+        root = embedded_data.FASHION_MNIST_DIR
+        out = []
+        for p in ("train", "t10k"):
+            x = embedded_data._read_idx(f"{root}/{p}-images-idx3-ubyte.gz").astype(np.float32) / 255.0
+            y = embedded_data._read_idx(f"{root}/{p}-labels-idx1-ubyte.gz").astype(np.int64)
+            out += [torch.from_numpy(x[:, None].copy()), torch.from_numpy(y.copy())]
+        return (*out, "fashion_mnist")
+    ds, name, _ = embedded_data.load_embedded_images()
+    out = []
+    for split in ("train", "test"):
+        d = ds[split].with_format("torch")
+        out += [d["image"].float(), d["label"].long()]
+    return (*out, name)
+
+
+def small_vit(image_size: int = 28, patch_size: int = 4, hidden: int = 96, layers: int = 4, heads: int = 4):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=1,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        num_labels=10,
+    )
+    return ViTForImageClassification(cfg)
