@@ -456,3 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # under accelerate launch / torchrun: shut the process group down cleanly
+        dist.destroy_process_group()

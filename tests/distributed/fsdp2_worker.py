@@ -151,8 +151,12 @@ def main() -> None:
         with open(os.path.join(out_dir, "fsdp2_ok.json"), "w") as f:
             json.dump(report, f)
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # The report is written (the barrier above). gloo's C++ teardown sometimes aborts a finished process
+    # ("terminate called without an active exception"), which would fail a passing run: leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
