@@ -135,7 +135,7 @@ class VassoUpdate:
         dot = torch.stack([torch.dot(g.reshape(-1).float(), d.reshape(-1)) for g, d in zip(grads, self.d)]).sum()
         if self._group is not None:
             g_sq, dot = self._all_reduce(torch.stack([g_sq, dot]))
-        inv_scale = 1.0 if grad_scale is None else grad_scale.double().reciprocal().float()
+        inv_scale = 1.0 if grad_scale is None else grad_scale.float().reciprocal()
         finite = torch.isfinite(g_sq)
         d_sq_prev = self._d_sq
 
