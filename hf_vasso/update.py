@@ -1,6 +1,6 @@
 """The VASSO update, written once and used by both `VassoTrainer` and the `VASSO` optimizer wrapper.
 
-One optimizer step t, for the parameters that require gradients (see `docs/algorithm.md` in the project README):
+One optimizer step t, for the parameters that require gradients (the full specification is `docs/algorithm.md`):
 
     g_t  = gradient of the step's loss at x_t                     (pass 1, already in `p.grad`)
     d_t  = g_t on the first step, else (1 - theta) d_{t-1} + theta g_t

@@ -92,8 +92,8 @@ def test_batchnorm_statistics_change_once_per_step(tmp_path):
     torch.testing.assert_close(bn.running_var, bn_ref.running_var, atol=1e-6, rtol=0)
     assert bn.track_running_stats
 
-    trainer = VassoTrainer(model=make_model(batchnorm=True), args=make_args(tmp_path, max_steps=5))
-    trainer.train_dataset = make_dataset()
+    args = make_args(tmp_path, max_steps=5)
+    trainer = VassoTrainer(model=make_model(batchnorm=True), args=args, train_dataset=make_dataset())
     trainer.train()
     assert trainer.model.net[1].num_batches_tracked.item() == 5
 
