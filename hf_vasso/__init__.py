@@ -1,9 +1,21 @@
-"""hf_vasso: VASSO and eVASSO sharpness-aware training for the HuggingFace Trainer and plain PyTorch loops."""
+"""hf_vasso: VASSO and eVASSO sharpness-aware training for the HuggingFace Trainer and plain PyTorch loops.
 
+TRL's trainers are in `hf_vasso.trl` (the optional extra `hf_vasso[trl]`); importing `hf_vasso` never imports trl.
+"""
+
+from .arguments import VassoArguments, VassoConfig, VassoSeq2SeqConfig
 from .optimizer import VASSO
+from .trainer import VassoSeq2SeqTrainer, VassoTrainer, VassoTrainerMixin
 from .update import VassoUpdate
-from .vasso_config import VassoConfig
-from .vasso_trainer import VassoTrainer
 
-__all__ = ["VASSO", "VassoConfig", "VassoTrainer", "VassoUpdate"]
+__all__ = [
+    "VASSO",
+    "VassoArguments",
+    "VassoConfig",
+    "VassoSeq2SeqConfig",
+    "VassoSeq2SeqTrainer",
+    "VassoTrainer",
+    "VassoTrainerMixin",
+    "VassoUpdate",
+]
 __version__ = "0.1.0"

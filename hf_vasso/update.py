@@ -86,9 +86,12 @@ class VassoUpdate:
         theta: float,
         adversary_prob: float = 1.0,
         seed: int = 0,
+        adaptive: bool = False,
         param_names: list[str] | None = None,
     ) -> None:
         check_hyperparameters(rho, theta, adversary_prob)
+        if adaptive:
+            raise NotImplementedError("adaptive")
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("VASSO found no parameter with requires_grad=True: there is nothing to perturb.")
@@ -113,7 +116,7 @@ class VassoUpdate:
 
     # ------------------------------------------------------------------ the step
 
-    def adversary_step(self, step: int | None = None) -> bool:
+    def is_adversary_step(self, step: int | None = None) -> bool:
         """This step's eVASSO coin: a pure function of (seed, step), identical on every rank and after a resume."""
         if self.adversary_prob >= 1.0:
             return True
@@ -121,6 +124,11 @@ class VassoUpdate:
             return False
         step = self.step if step is None else step
         return random.Random(f"hf_vasso:{self.seed}:{step}").random() < self.adversary_prob
+
+    adversary_step = is_adversary_step
+
+    def guard_perturbed_gradient(self, grad_scale=None) -> None:
+        pass
 
     @torch.no_grad()
     def absorb_gradient(self, grad_scale: torch.Tensor | None = None) -> None:
@@ -266,7 +274,7 @@ class VassoUpdate:
         }
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, expected_step=None) -> None:
         d = state["d"]
         if len(d) != len(self.d) or any(a.shape != b.shape for a, b in zip(d, self.d)):
             raise ValueError(

@@ -139,3 +139,27 @@ def reference_vasso(
         opt.zero_grad()
         records.append(record)
     return model, records
+
+
+def tiny_llama(seed: int = 0):
+    """A 2-layer Llama built from a config (no download), for tests that need a real `PreTrainedModel`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config)
+
+
+def token_dataset(n: int = 16, length: int = 12, seed: int = 0) -> Dataset:
+    """Random token ids with `labels = input_ids` (causal LM), for `tiny_llama`."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (n, length), generator=g)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")

@@ -9,7 +9,7 @@ import torch
 from helpers import make_args, make_data, make_dataset, make_model, weights
 
 from hf_vasso import VASSO, VassoTrainer
-from hf_vasso.vasso_trainer import VASSO_STATE_NAME
+from hf_vasso.trainer import VASSO_STATE_NAME
 
 
 def run(output_dir, resume=None, **overrides):

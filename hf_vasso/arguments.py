@@ -1,0 +1,210 @@
+"""The VASSO hyperparameters as a dataclass mixin, and the `TrainingArguments` classes built from it.
+
+`VassoArguments` holds only the VASSO fields, so it combines with any `TrainingArguments` subclass (Seq2Seq, TRL's
+configs, a user's own) without overriding that class's defaults. The rule, for dataclass fields and `__post_init__`
+alike: **the mixin comes first**, `class MyConfig(VassoArguments, SomeTrainingArguments)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
+
+from .update import check_hyperparameters
+
+@dataclass
+class VassoArguments:
+    r"""
+    The VASSO / eVASSO hyperparameters (Li and Giannakis, "Enhancing Sharpness-Aware Optimization Through Variance
+    Suppression", arXiv 2309.15639, Algorithm 1; eVASSO from arXiv 2509.02433). A dataclass mixin: put it first in
+    the bases of any `TrainingArguments` subclass, e.g. `class MyConfig(VassoArguments, Seq2SeqTrainingArguments)`.
+
+    Parameters:
+        rho (`float`, *optional*, defaults to `0.05`):
+            Radius ρ of the adversarial perturbation `ε = ρ·d/‖d‖` (Euclidean, in parameter units). Must be >= 0;
+            `0` trains with the base optimizer at twice the cost.
+        theta (`float`, *optional*, defaults to `0.4`):
+            Weight θ of the newest gradient in the moving average `d = (1 - θ)·d + θ·g`, in (0, 1]. `1.0` is SAM.
+            The paper reports 0.4 best on ResNets and 0.2 under heavy label noise; the official code defaults to 0.9.
+        adversary_prob (`float`, *optional*, defaults to `1.0`):
+            Probability p that an optimizer step runs the adversary (two passes). Below 1 this is eVASSO: the other
+            steps are one pass with the base optimizer, so a step costs `1 + p` passes on average. The coin is a
+            function of (`seed`, step): the same on every rank and after a resume.
+        sync_adversary (`bool`, *optional*, defaults to `True`):
+            Under DDP, all-reduce the pass-1 gradient so every rank shares `d` and the adversary (one extra
+            all-reduce per optimizer step; the run equals one process with the global batch). `False` gives each rank
+            its own adversary from its own batch, with no extra communication (the SAM paper's m-sharpness).
+        adaptive (`bool`, *optional*, defaults to `False`):
+            ASAM's scale-invariant adversary (Kwon et al., ICML 2021): `ε = ρ·T²d/‖T·d‖` with `T = |w|` elementwise,
+            the convention of davda54/sam and pytorch_optimizer, with `d` in place of the gradient.
+
+    Raises:
+        ValueError: a hyperparameter out of range (naming it and the fix), DeepSpeed, an optimizer that steps inside
+            `backward()` (`optim="lomo"`, `"adalomo"`, `"*_layerwise"`), or `ddp_static_graph` with a no-sync backward.
+    """
+
+    rho: float = field(
+        default=0.05,
+        metadata={"help": "Radius of the adversarial perturbation eps = rho * d / ||d|| (>= 0)."},
+    )
+    theta: float = field(
+        default=0.4,
+        metadata={
+            "help": "Weight of the newest gradient in the moving average d, in (0, 1]. 1.0 is SAM; 0.4 is the "
+            "paper's choice, 0.2 under heavy label noise."
+        },
+    )
+    adversary_prob: float = field(
+        default=1.0,
+        metadata={
+            "help": "Probability that a step runs the adversary (two passes), in [0, 1]. Below 1 is eVASSO, at an "
+            "average cost of 1 + adversary_prob passes per step."
+        },
+    )
+    sync_adversary: bool = field(
+        default=True,
+        metadata={
+            "help": "Under DDP, all-reduce the pass-1 gradient so all ranks share one adversary (one extra "
+            "all-reduce per step). False: each rank perturbs with its own gradient, no extra communication."
+        },
+    )
+    adaptive: bool = field(
+        default=False,
+        metadata={"help": "ASAM's scale-invariant adversary eps = rho * |w|^2 d / || |w| d || (Kwon et al., 2021)."},
+    )
+
+    def __post_init__(self) -> None:
+        # Before TrainingArguments.__post_init__, which would otherwise fail on a missing deepspeed install with a
+        # message about the install rather than about the real problem.
+        refuse_deepspeed(getattr(self, "deepspeed", None))
+        post_init = getattr(super(), "__post_init__", None)
+        if post_init is not None:
+            post_init()
+        validate_vasso_arguments(self)
+
+
+def validate_vasso_arguments(args: Any) -> None:
+    """Every rule on the VASSO fields and their combination with the Trainer's: one place, one `ValueError` each."""
+    refuse_deepspeed(getattr(args, "deepspeed", None))
+    check_hyperparameters(args.rho, args.theta, args.adversary_prob)
+    if not isinstance(args.adaptive, bool):
+        raise ValueError(f"adaptive={args.adaptive!r} is invalid: it must be True (ASAM) or False.")
+    refuse_backward_stepping_optimizer(getattr(args, "optim", None))
+    if getattr(args, "ddp_static_graph", False) and (
+        not args.sync_adversary or getattr(args, "gradient_accumulation_steps", 1) > 1
+    ):
+        raise ValueError(
+            "ddp_static_graph=True cannot run with sync_adversary=False or gradient_accumulation_steps > 1: both "
+            "need backward passes without DDP synchronisation, which a static graph forbids. Set "
+            "ddp_static_graph=False (the default)."
+        )
+
+
+def refuse_deepspeed(deepspeed_config: Any) -> None:
+    """DeepSpeed steps the optimizer inside `backward()` and keeps ZeRO gradients out of `p.grad`."""
+    from_env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    if deepspeed_config or from_env:
+        raise ValueError(
+            "hf_vasso cannot run under DeepSpeed: DeepSpeed steps the optimizer inside backward() and keeps ZeRO "
+            "gradients out of p.grad, so a two-pass step cannot be built on it. Shard with FSDP2 instead "
+            "(`accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml ...` or `fsdp=...` with "
+            "`fsdp_config={'version': 2}`)."
+        )
+
+
+def is_backward_stepping_optimizer(optim: Any) -> bool:
+    """LOMO, AdaLomo and every `*_layerwise` optimizer update the weights from gradient hooks during backward."""
+    name = str(getattr(optim, "value", optim or ""))
+    return "lomo" in name or name.endswith("_layerwise")
+
+
+def refuse_backward_stepping_optimizer(optim: Any) -> None:
+    if is_backward_stepping_optimizer(optim):
+        name = getattr(optim, "value", optim)
+        raise ValueError(
+            f"optim='{name}' cannot run with VASSO: it updates the weights inside backward() and leaves p.grad "
+            "empty, so pass 1 has no gradient to build the adversary from and pass 2 would step the weights while "
+            "they are perturbed. Use an optimizer that steps after backward (adamw_torch, adamw_torch_fused, sgd, "
+            "adafactor, galore_adamw without _layerwise, ...); the README lists what works."
+        )
+
+
+@dataclass
+class VassoConfig(VassoArguments, TrainingArguments):
+    r"""
+    Configuration for [`VassoTrainer`]: every [`~transformers.TrainingArguments`] field plus the VASSO fields of
+    [`VassoArguments`] (`rho`, `theta`, `adversary_prob`, `sync_adversary`, `adaptive`). `HfArgumentParser(VassoConfig)`
+    gives `--rho`, `--theta`, ... next to every Trainer flag. Source: arXiv 2309.15639 (NeurIPS 2023), extended as
+    arXiv 2509.02433.
+
+    Example:
+
+    ```python
+    from hf_vasso import VassoConfig, VassoTrainer
+
+    args = VassoConfig(output_dir="out", rho=0.05, theta=0.4, learning_rate=5e-5)
+    VassoTrainer(model=model, args=args, train_dataset=train_ds).train()
+    ```
+
+    Raises:
+        ValueError: as [`VassoArguments`].
+    """
+
+
+@dataclass
+class VassoSeq2SeqConfig(VassoArguments, Seq2SeqTrainingArguments):
+    r"""
+    Configuration for [`VassoSeq2SeqTrainer`]: every [`~transformers.Seq2SeqTrainingArguments`] field
+    (`predict_with_generate`, `generation_max_length`, ...) plus the VASSO fields of [`VassoArguments`].
+
+    Raises:
+        ValueError: as [`VassoArguments`].
+    """
+
+
+# ---------------------------------------------------------------- upgrading arguments that lack the VASSO fields
+
+_UPGRADED: dict[type, type] = {}
+
+
+def vasso_arguments_class(base: type) -> type:
+    """`dataclass(VassoArguments, base)`, built once per base class, that pickles by reference to `base`."""
+    if base not in _UPGRADED:
+        namespace = {"__module__": __name__, "__reduce__": _reduce_upgraded, "__doc__": base.__doc__}
+        _UPGRADED[base] = dataclass(type(f"Vasso{base.__name__}", (VassoArguments, base), namespace))
+    return _UPGRADED[base]
+
+
+def _reduce_upgraded(self: Any) -> tuple:
+    base = type(self).__mro__[2]  # (the upgraded class, VassoArguments, base, ...)
+    return _rebuild_upgraded, (base, self.__dict__.copy())
+
+
+def _rebuild_upgraded(base: type, state: dict[str, Any]) -> Any:
+    upgraded = object.__new__(vasso_arguments_class(base))
+    upgraded.__dict__.update(state)
+    return upgraded
+
+
+def as_vasso_arguments(args: Any) -> Any:
+    """`args` itself if it has the VASSO fields, else a copy of it that does, with their defaults.
+
+    The copy keeps the class of `args` (it is an instance of a subclass of it) and every field, so callbacks and
+    trainers that read their own fields keep working; `args` is not changed and its `__post_init__` is not re-run.
+
+    Raises:
+        ValueError: `args` asks for something VASSO cannot run with (see `VassoArguments`).
+    """
+    if isinstance(args, VassoArguments):
+        return args
+    upgraded = copy.copy(args)
+    upgraded.__class__ = vasso_arguments_class(type(args))
+    for f in dataclasses.fields(VassoArguments):
+        setattr(upgraded, f.name, f.default)
+    validate_vasso_arguments(upgraded)
+    return upgraded

@@ -1,0 +1,367 @@
+"""`VassoTrainerMixin`: the VASSO step for any `transformers.Trainer` subclass, and the ready-made trainers."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
+from transformers.distributed.fsdp import is_fsdp_managed_module
+from transformers.utils import logging
+
+from .arguments import VassoArguments, as_vasso_arguments, refuse_deepspeed
+from .batchnorm import frozen_batchnorm_stats
+from .update import VassoUpdate
+
+logger = logging.get_logger(__name__)
+
+VASSO_STATE_NAME = "vasso_state.pt"
+
+
+class VassoTrainerMixin:
+    """The VASSO / eVASSO optimizer step for any [`~transformers.Trainer`] subclass (SAM with `theta=1`).
+
+    Source: Li and Giannakis, "Enhancing Sharpness-Aware Optimization Through Variance Suppression" (NeurIPS 2023,
+    arXiv 2309.15639; eVASSO in arXiv 2509.02433); the exact update is `docs/algorithm.md`. Put the mixin first:
+
+    ```python
+    class VassoMyTrainer(VassoTrainerMixin, MyTrainer): ...
+    class VassoMyConfig(VassoArguments, MyTrainingArguments): ...
+    ```
+
+    Each optimizer step runs pass 1 over all its gradient-accumulation micro-batches (the Trainer's own loop), folds
+    the step's gradient into `d`, moves the trainable weights to `x + ε` with `ε = ρ·d/‖d‖`, replays the same
+    micro-batches there (pass 2, inside `perturbed_pass_context`), restores the weights by copy, and lets the Trainer
+    clip and step the base optimizer with the pass-2 gradient. With `adversary_prob < 1`, steps whose coin is 0 stop
+    after pass 1. Both passes go through `super().training_step`, so the subclass's `compute_loss` and loss
+    normalisation apply unchanged.
+
+    What differs from the base trainer:
+
+    - `training_step`: keeps the step's micro-batches (shallow copies, type kept) and runs the VASSO step on the last
+      one. It returns the clean (pass-1) loss, so the logged `loss` is the loss at the real weights.
+    - `perturbed_pass_context`: the hook around pass 2. It freezes BatchNorm statistics; extend it to silence other
+      side effects of `compute_loss` (token counters, metric buffers) that must count each step once.
+    - `log`: adds the `vasso/*` metrics, averaged over the logging window (the only host sync they cost).
+    - `floating_point_ops`: counts both passes of an adversary step, so `total_flos` is the work done.
+    - `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: also save the VASSO state (`d`, step count,
+      hyperparameters) in the checkpoint folder, and check it when loading.
+    - `train`: each run starts with no half-done step; a new optimizer (`model_init`, `hyperparameter_search`) gets
+      a new VASSO state.
+
+    `args` may be a [`VassoConfig`], any `TrainingArguments` subclass combined with [`VassoArguments`], or a plain
+    `TrainingArguments` (of any subclass), which is copied and given the default VASSO fields with its own type kept.
+
+    Raises:
+        ValueError: DeepSpeed, FSDP1, `sync_adversary=False` under FSDP, an optimizer that steps inside backward,
+            sparse gradients, or a bad hyperparameter (each message names the fix).
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: Any = None, *trainer_args: Any, **kwargs: Any) -> None:
+        if args is not None:
+            args = as_vasso_arguments(args)
+        super().__init__(model, args, *trainer_args, **kwargs)
+        if not isinstance(self.args, VassoArguments):  # the base trainer built its default arguments
+            self.args = as_vasso_arguments(self.args)
+        self._check_vasso_support()
+        self._vasso: VassoUpdate | None = None
+        self._vasso_optimizer: torch.optim.Optimizer | None = None
+        self._pending_micro_batches: list[tuple[Any, Any, torch.Tensor]] = []
+        self.add_callback(_VassoRunStart(self))
+
+    def _check_vasso_support(self) -> None:
+        if self.is_deepspeed_enabled:
+            refuse_deepspeed(True)
+        if self.is_fsdp_enabled:
+            if self.accelerator.state.fsdp_plugin.fsdp_version != 2:
+                raise ValueError(
+                    "hf_vasso supports FSDP2 only: FSDP1 exposes flat parameter shards that the adversary cannot be "
+                    "computed on. Set fsdp_config={'version': 2} (the default in transformers 5) or "
+                    "`fsdp_version: 2` in the accelerate config."
+                )
+            if not self.args.sync_adversary:
+                raise ValueError(
+                    "sync_adversary=False cannot run under FSDP: each rank holds only a shard of the weights, so a "
+                    "per-rank adversary does not exist. Use sync_adversary=True."
+                )
+        if self.model is not None:
+            refuse_sparse_gradients(self.model)
+
+    @property
+    def vasso(self) -> VassoUpdate | None:
+        """The VASSO state of the current run, read-only: `d`, `step`, `params`, `state_bytes()`, ...
+
+        `None` until the first training step (or a resume) builds it.
+        """
+        return self._vasso
+
+    # ------------------------------------------------------------------ the step
+
+    def training_step(
+        self, model: nn.Module, inputs: Any, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        try:
+            return self._vasso_training_step(model, inputs, num_items_in_batch)
+        except BaseException:
+            # Nothing of an aborted step may reach the next attempt (a resume, an out-of-memory retry).
+            self._pending_micro_batches = []
+            raise
+
+    def _vasso_training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any) -> torch.Tensor:
+        # A shallow copy of the same type for pass 2: compute_loss may pop keys (labels under label smoothing).
+        kept = copy.copy(inputs)
+        if not self.accelerator.sync_gradients:
+            # An earlier micro-batch of the step: pass 1 as usual (the Trainer holds DDP sync), kept for pass 2.
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self._pending_micro_batches.append((kept, num_items_in_batch, loss))
+            return loss
+
+        micro_batches = self._pending_micro_batches + [(kept, num_items_in_batch, None)]
+        self._pending_micro_batches = []
+        vasso = self._vasso_update()
+        adversary = vasso.is_adversary_step(self.state.global_step)
+
+        # Pass 1, last micro-batch. It all-reduces the step's gradient unless each rank keeps its own adversary;
+        # a step without adversary always syncs, since the base optimizer steps with this gradient.
+        sync = self.args.sync_adversary or not adversary
+        with contextlib.nullcontext() if sync else self._no_sync(model):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        grad_scale = self._grad_scale()
+        vasso.absorb_gradient(grad_scale)
+        if not adversary:
+            return loss
+
+        clean_loss = loss + sum(mb_loss for _, _, mb_loss in micro_batches[:-1])
+        perturbed_loss = torch.zeros_like(loss)
+        vasso.perturb()
+        try:
+            with self.perturbed_pass_context(model):
+                for i, (mb_inputs, mb_num_items, _) in enumerate(micro_batches):
+                    last = i == len(micro_batches) - 1
+                    with contextlib.nullcontext() if last else self._no_sync(model):
+                        perturbed_loss += super().training_step(model, copy.copy(mb_inputs), mb_num_items)
+        finally:
+            vasso.restore()
+        vasso.guard_perturbed_gradient(grad_scale)
+        vasso.record_losses(clean_loss, perturbed_loss)
+        return loss
+
+    def perturbed_pass_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The context pass 2 runs in (the forward and backward passes at `x + ε`, all micro-batches of the step).
+
+        The base version freezes BatchNorm running statistics, so they see each step once. A subclass whose
+        `compute_loss` has side effects that must count each step once (token counters, metric buffers) extends it::
+
+            def perturbed_pass_context(self, model):
+                stack = contextlib.ExitStack()
+                stack.enter_context(super().perturbed_pass_context(model))
+                stack.enter_context(my_counters_restored(self))
+                return stack
+        """
+        return frozen_batchnorm_stats(model)
+
+    def _vasso_update(self) -> VassoUpdate:
+        """The VASSO state of the current optimizer: built on first use, and anew whenever the optimizer is new."""
+        optimizer = _unwrap_optimizer(self.optimizer)
+        if self._vasso is None or self._vasso_optimizer is not optimizer:
+            named = list(self.model.named_parameters())
+            refuse_sparse_gradients(self.model)
+            self._vasso = VassoUpdate(
+                [p for _, p in named],
+                rho=self.args.rho,
+                theta=self.args.theta,
+                adversary_prob=self.args.adversary_prob,
+                seed=self.args.seed,
+                adaptive=self.args.adaptive,
+                param_names=[n for n, _ in named],
+            )
+            self._vasso.step = self.state.global_step
+            self._vasso_optimizer = optimizer
+        return self._vasso
+
+    def _no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The same no-sync context the Trainer's own loop uses for non-final micro-batches."""
+        if self.is_distributed_loading_by_transformers and is_fsdp_managed_module(self.model):
+            return self._defer_fsdp_gradient_reduction()
+        return self.accelerator.no_sync(model)
+
+    def _grad_scale(self) -> torch.Tensor | None:
+        """The loss scale carried by the gradients under fp16 (a device tensor: reading it would sync)."""
+        scaler = self.accelerator.scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler._scale  # get_scale() would call .item() every step
+
+    def floating_point_ops(self, inputs: Any) -> int:
+        """The base count for one forward+backward pass, twice on adversary steps (pass 2 is the same work)."""
+        flos = super().floating_point_ops(inputs)
+        if flos and self._vasso_update().is_adversary_step(self.state.global_step):
+            return 2 * flos
+        return flos
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._vasso is not None:
+            reduce = None
+            if self.accelerator.num_processes > 1:
+                reduce = lambda t: self.accelerator.reduce(t, reduction="mean")  # noqa: E731
+            logs.update(self._vasso.pop_metrics(reduce))
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _vasso_state_is_per_rank(self) -> bool:
+        # Under per-rank adversaries or sharded parameters every rank holds different d.
+        return not self.args.sync_adversary or self.is_fsdp_enabled
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._vasso is None:
+            return
+        if self._vasso_state_is_per_rank():
+            path = os.path.join(output_dir, _per_rank_name(self.args.process_index))
+        elif self.args.should_save:
+            path = os.path.join(output_dir, VASSO_STATE_NAME)
+        else:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(self._vasso.state_dict(), path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        if self._vasso_state_is_per_rank():
+            candidates = [_per_rank_name(self.args.process_index), VASSO_STATE_NAME]
+        else:
+            # Every rank must hold the same d: from a per-rank checkpoint, all take rank 0's.
+            candidates = [VASSO_STATE_NAME, _per_rank_name(0)]
+        path = next((p for p in (os.path.join(checkpoint, n) for n in candidates) if os.path.isfile(p)), None)
+        self._vasso = None  # whatever this trainer held before, the checkpoint decides
+        vasso = self._vasso_update()
+        if path is None:
+            logger.warning(
+                f"{checkpoint} holds no VASSO state file ({' or '.join(candidates)}): it was written without it "
+                "(by a plain Trainer) or the file was lost. The run resumes with d starting afresh from the next "
+                f"gradient; the eVASSO coins continue from step {self.state.global_step}."
+            )
+            return
+        fix = (
+            f"Resume from an earlier checkpoint, or delete {path} to resume from this one with d starting afresh."
+        )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated, empty, not a torch file: torch raises many types
+            raise ValueError(f"The VASSO state file {path} cannot be read ({type(error).__name__}: {error}). {fix}")
+        try:
+            vasso.load_state_dict(state, expected_step=self.state.global_step)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"The VASSO state file {path} does not fit this run: {error} {fix}") from error
+
+
+class _VassoRunStart(TrainerCallback):
+    """At the start of every training loop (each `train()`, each `auto_find_batch_size` retry)."""
+
+    def __init__(self, trainer: VassoTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._pending_micro_batches = []
+        if self.trainer._vasso is not None:
+            self.trainer._vasso.step = state.global_step
+
+
+def refuse_sparse_gradients(model: nn.Module) -> None:
+    """Sparse gradients have no foreach kernels and no meaningful global norm with dense d: refuse them early."""
+    for name, module in model.named_modules():
+        if getattr(module, "sparse", False) and any(p.requires_grad for p in module.parameters(recurse=False)):
+            raise ValueError(
+                f"{name or type(module).__name__} ({type(module).__name__}) has sparse=True: VASSO needs dense "
+                "gradients. Build it with sparse=False (and a dense optimizer such as AdamW instead of SparseAdam)."
+            )
+
+
+def apply_peft_config(model: nn.Module | None, peft_config: Any | None) -> nn.Module | None:
+    """`peft.get_peft_model(model, peft_config)`, as TRL's trainers accept `peft_config=`."""
+    if peft_config is None:
+        return model
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "model is already a PeftModel and peft_config was given too: pass the base model with peft_config, or "
+            "the PeftModel alone."
+        )
+    return get_peft_model(model, peft_config)
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """The base optimizer under Accelerate's wrapper(s): the identity that says whether the optimizer is new."""
+    while hasattr(optimizer, "optimizer") and isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _per_rank_name(rank: int) -> str:
+    return f"vasso_state_rank{rank}.pt"
+
+
+class VassoTrainer(VassoTrainerMixin, Trainer):
+    """A drop-in [`~transformers.Trainer`] whose optimizer steps are VASSO (eVASSO with `adversary_prob < 1`, SAM
+    with `theta = 1`); see [`VassoTrainerMixin`] for what differs.
+
+    ```python
+    from hf_vasso import VassoConfig, VassoTrainer  # was: Trainer, TrainingArguments
+
+    args = VassoConfig(output_dir="out", rho=0.05, theta=0.4)
+    VassoTrainer(model=model, args=args, train_dataset=train_ds).train()
+    ```
+
+    Args:
+        model, args, *trainer_args, **kwargs: as for `Trainer`. `args` may be `None`, a `VassoConfig`, or any
+            `TrainingArguments` (copied with the default VASSO fields added, its type kept).
+        peft_config (`peft.PeftConfig`, *optional*): wrap `model` with `peft.get_peft_model` first. Only trainable
+            parameters (the adapters) are perturbed, so VASSO's extra memory is sized to them.
+
+    Raises:
+        ValueError: as [`VassoTrainerMixin`], or `peft_config` given with a model that is already a `PeftModel`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        *trainer_args: Any,
+        peft_config: Any | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(apply_peft_config(model, peft_config), args, *trainer_args, **kwargs)
+
+
+class VassoSeq2SeqTrainer(VassoTrainerMixin, Seq2SeqTrainer):
+    """[`~transformers.Seq2SeqTrainer`] with VASSO steps: training as [`VassoTrainer`], evaluation and prediction
+    (`predict_with_generate`) exactly as `Seq2SeqTrainer`. Use it with a [`VassoSeq2SeqConfig`].
+
+    ```python
+    args = VassoSeq2SeqConfig(output_dir="out", rho=0.05, predict_with_generate=True)
+    VassoSeq2SeqTrainer(model=t5, args=args, train_dataset=train_ds, eval_dataset=eval_ds).train()
+    ```
+
+    Args:
+        peft_config (`peft.PeftConfig`, *optional*): as for [`VassoTrainer`].
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        *trainer_args: Any,
+        peft_config: Any | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(apply_peft_config(model, peft_config), args, *trainer_args, **kwargs)
