@@ -17,6 +17,7 @@ from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .update import check_hyperparameters
 
+
 @dataclass
 class VassoArguments:
     r"""
@@ -138,9 +139,9 @@ def refuse_backward_stepping_optimizer(optim: Any) -> None:
 class VassoConfig(VassoArguments, TrainingArguments):
     r"""
     Configuration for [`VassoTrainer`]: every [`~transformers.TrainingArguments`] field plus the VASSO fields of
-    [`VassoArguments`] (`rho`, `theta`, `adversary_prob`, `sync_adversary`, `adaptive`). `HfArgumentParser(VassoConfig)`
-    gives `--rho`, `--theta`, ... next to every Trainer flag. Source: arXiv 2309.15639 (NeurIPS 2023), extended as
-    arXiv 2509.02433.
+    [`VassoArguments`] (`rho`, `theta`, `adversary_prob`, `sync_adversary`, `adaptive`).
+    `HfArgumentParser(VassoConfig)` gives `--rho`, `--theta`, ... next to every Trainer flag. Source: arXiv
+    2309.15639 (NeurIPS 2023), extended as arXiv 2509.02433.
 
     Example:
 

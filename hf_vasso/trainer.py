@@ -251,13 +251,13 @@ class VassoTrainerMixin:
                 f"gradient; the eVASSO coins continue from step {self.state.global_step}."
             )
             return
-        fix = (
-            f"Resume from an earlier checkpoint, or delete {path} to resume from this one with d starting afresh."
-        )
+        fix = f"Resume from an earlier checkpoint, or delete {path} to resume from this one with d starting afresh."
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # truncated, empty, not a torch file: torch raises many types
-            raise ValueError(f"The VASSO state file {path} cannot be read ({type(error).__name__}: {error}). {fix}")
+            raise ValueError(
+                f"The VASSO state file {path} cannot be read ({type(error).__name__}: {error}). {fix}"
+            ) from error
         try:
             vasso.load_state_dict(state, expected_step=self.state.global_step)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
