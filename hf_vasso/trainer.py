@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 from typing import Any
 
@@ -61,17 +62,25 @@ class VassoTrainerMixin:
             sparse gradients, or a bad hyperparameter (each message names the fix).
     """
 
-    def __init__(self, model: nn.Module | None = None, args: Any = None, *trainer_args: Any, **kwargs: Any) -> None:
-        if args is not None:
-            args = as_vasso_arguments(args)
-        super().__init__(model, args, *trainer_args, **kwargs)
+    def __init__(self, *trainer_args: Any, **kwargs: Any) -> None:
+        refuse_generating_trainer(type(self))
+        # `args` is not always the second parameter (DPOTrainer takes `ref_model` there): find it by name.
+        base_init = super().__init__
+        bound = inspect.signature(base_init).bind_partial(*trainer_args, **kwargs)
+        if bound.arguments.get("args") is not None:
+            bound.arguments["args"] = self._vasso_arguments(bound.arguments["args"])
+        base_init(*bound.args, **bound.kwargs)
         if not isinstance(self.args, VassoArguments):  # the base trainer built its default arguments
-            self.args = as_vasso_arguments(self.args)
+            self.args = self._vasso_arguments(self.args)
         self._check_vasso_support()
         self._vasso: VassoUpdate | None = None
         self._vasso_optimizer: torch.optim.Optimizer | None = None
         self._pending_micro_batches: list[tuple[Any, Any, torch.Tensor]] = []
         self.add_callback(_VassoRunStart(self))
+
+    def _vasso_arguments(self, args: Any) -> Any:
+        """The arguments with the VASSO fields: `args` itself, or an upgraded copy (see `as_vasso_arguments`)."""
+        return as_vasso_arguments(args)
 
     def _check_vasso_support(self) -> None:
         if self.is_deepspeed_enabled:
@@ -274,6 +283,40 @@ class _VassoRunStart(TrainerCallback):
         self.trainer._pending_micro_batches = []
         if self.trainer._vasso is not None:
             self.trainer._vasso.step = state.global_step
+
+
+# Trainers that sample from the policy inside `training_step` (in `_prepare_inputs`): TRL's online methods.
+GENERATING_TRAINERS = frozenset(
+    {
+        "GRPOTrainer",
+        "AsyncGRPOTrainer",
+        "RLOOTrainer",
+        "OnlineDPOTrainer",
+        "NashMDTrainer",
+        "XPOTrainer",
+        "PPOTrainer",
+        "GKDTrainer",
+        "GOLDTrainer",
+        "DistillationTrainer",
+        "AsyncDistillationTrainer",
+        "IWOPDTrainer",
+        "SDFTTrainer",
+        "SDPOTrainer",
+        "A2POTrainer",
+    }
+)
+
+
+def refuse_generating_trainer(trainer_class: type) -> None:
+    """Pass 2 replays the step's inputs through `training_step`; a trainer that generates there would sample anew."""
+    generating = [c.__name__ for c in trainer_class.__mro__ if c.__name__ in GENERATING_TRAINERS]
+    if generating:
+        raise ValueError(
+            f"{generating[0]} generates completions inside training_step (from the current policy, in "
+            "_prepare_inputs), so VASSO's pass 2 would sample new completions at the perturbed weights instead of "
+            "replaying the step's batch, and the adversary would no longer be computed on one loss. hf_vasso does "
+            "not support online trainers; use it with offline ones (SFT, DPO, reward modelling, Seq2Seq)."
+        )
 
 
 def refuse_sparse_gradients(model: nn.Module) -> None:

@@ -42,7 +42,8 @@ def test_resume_without_vasso_state_diverges_and_warns(tmp_path, caplog):
     os.remove(checkpoint / VASSO_STATE_NAME)
     with caplog.at_level("WARNING"):
         resumed = run(tmp_path / "resumed", resume=str(checkpoint))
-    assert "holds no VASSO state" in caplog.text
+    assert "holds no VASSO state file" in caplog.text and "the file was lost" in caplog.text
+    assert "d starting afresh" in caplog.text and "coins continue from step 4" in caplog.text
     diff = max((a - b).abs().max().item() for a, b in zip(full.model.parameters(), resumed.model.parameters()))
     assert diff > 1e-6
 
@@ -64,6 +65,57 @@ def test_state_for_other_parameters_is_refused(tmp_path):
     state["d"] = state["d"][:-1]
     with pytest.raises(ValueError, match="do not match"):
         trainer._vasso_update().load_state_dict(state)
+
+
+# ---------------------------------------------------------------- what a resume loads is checked
+
+
+def test_changed_hyperparameter_is_allowed_and_named(tmp_path, caplog):
+    run(tmp_path / "a")
+    with caplog.at_level("WARNING"):
+        resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-4"), rho=0.2)
+    assert "rho" in caplog.text and "0.1 → 0.2" in caplog.text
+    assert resumed.vasso.rho == 0.2 and resumed.vasso.step == 8
+
+
+def damage(checkpoint, how: str) -> None:
+    path = checkpoint / VASSO_STATE_NAME
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "optimizer_file":
+        shutil.copy(checkpoint / "optimizer.pt", path)
+    elif how == "from_a_later_checkpoint":
+        shutil.copy(checkpoint.parent / "checkpoint-8" / VASSO_STATE_NAME, path)
+    elif how == "nan_in_d":
+        state = torch.load(path, weights_only=True)
+        first = next(d for d in state["d"] if d is not None) if isinstance(state["d"], list) else None
+        if first is None:  # d keyed by parameter
+            first = next(iter(state["d"].values()))
+        first.view(-1)[0] = float("nan")
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize(
+    "how, says",
+    [
+        ("truncated", "cannot be read"),
+        ("empty", "cannot be read"),
+        ("optimizer_file", "does not fit this run"),
+        ("from_a_later_checkpoint", "step"),
+        ("nan_in_d", "finite"),
+    ],
+)
+def test_damaged_or_foreign_state_is_refused_with_the_file_and_the_fix(tmp_path, how, says):
+    run(tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-4"
+    damage(checkpoint, how)
+    with pytest.raises(ValueError, match=says) as error:
+        run(tmp_path / "b", resume=str(checkpoint))
+    message = str(error.value)
+    assert str(checkpoint / VASSO_STATE_NAME) in message
+    assert "Resume from an earlier checkpoint, or delete" in message
 
 
 def test_wrapper_state_dict_round_trip():

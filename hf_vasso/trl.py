@@ -1,0 +1,116 @@
+"""VASSO for TRL's trainers: `VassoSFTTrainer` / `VassoSFTConfig` and `VassoDPOTrainer` / `VassoDPOConfig`.
+
+Needs the optional extra `pip install hf_vasso[trl]`; `import hf_vasso` alone never imports trl.
+
+TRL's `compute_loss` records metrics on every call (`num_tokens`, `mean_token_accuracy`, `entropy`, the DPO rewards):
+pass 2 runs it again at the perturbed weights, so the pass-2 hook puts those records back as pass 1 left them. Every
+metric TRL logs is then the clean pass's, exactly what plain TRL logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from transformers import TrainingArguments
+
+try:
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("hf_vasso.trl needs TRL: pip install 'hf_vasso[trl]' (or pip install trl).") from error
+
+from .arguments import VassoArguments
+from .trainer import VassoTrainerMixin
+
+# What TRL's compute_loss writes on every call; restored after pass 2.
+TRL_PER_CALL_RECORDS = ("_metrics", "_total_train_tokens")
+
+
+@contextlib.contextmanager
+def restored_attributes(obj: Any, names: tuple[str, ...]) -> Iterator[None]:
+    """Inside the block, changes to `obj.<name>` (deep: lists of metrics) are undone on exit, even on error."""
+    saved = {name: copy.deepcopy(getattr(obj, name)) for name in names if hasattr(obj, name)}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
+
+
+class VassoTRLTrainerMixin(VassoTrainerMixin):
+    """`VassoTrainerMixin` whose pass-2 hook also restores TRL's per-call metric records."""
+
+    trl_config_class: type
+    vasso_config_class: type
+
+    def _vasso_arguments(self, args: Any) -> Any:
+        # TRL turns any other `TrainingArguments` into its own config class: do the same, with the VASSO fields kept.
+        if isinstance(args, TrainingArguments) and not isinstance(args, self.trl_config_class):
+            names = {f.name for f in dataclasses.fields(self.vasso_config_class) if f.init}
+            values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name in names}
+            args = self.vasso_config_class(**values)
+        return super()._vasso_arguments(args)
+
+    def perturbed_pass_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(super().perturbed_pass_context(model))
+        stack.enter_context(restored_attributes(self, TRL_PER_CALL_RECORDS))
+        return stack
+
+
+@dataclass
+class VassoSFTConfig(VassoArguments, SFTConfig):
+    r"""
+    [`trl.SFTConfig`] with the VASSO fields of [`hf_vasso.VassoArguments`] (`rho`, `theta`, `adversary_prob`,
+    `sync_adversary`, `adaptive`). SFT's own defaults (learning rate, gradient checkpointing, ...) are kept.
+
+    Raises:
+        ValueError: as `VassoArguments`.
+    """
+
+
+@dataclass
+class VassoDPOConfig(VassoArguments, DPOConfig):
+    r"""
+    [`trl.DPOConfig`] with the VASSO fields of [`hf_vasso.VassoArguments`]. DPO's own defaults are kept.
+
+    Raises:
+        ValueError: as `VassoArguments`.
+    """
+
+
+class VassoSFTTrainer(VassoTRLTrainerMixin, SFTTrainer):
+    """[`trl.SFTTrainer`] with VASSO optimizer steps (see `hf_vasso.VassoTrainerMixin`). Every metric SFT logs is the
+    clean pass's; `peft_config=` is SFT's own.
+
+    ```python
+    from hf_vasso.trl import VassoSFTConfig, VassoSFTTrainer
+
+    args = VassoSFTConfig(output_dir="out", rho=0.05, theta=0.4)
+    VassoSFTTrainer(model=model, args=args, train_dataset=dataset, peft_config=LoraConfig(...)).train()
+    ```
+    """
+
+    trl_config_class = SFTConfig
+    vasso_config_class = VassoSFTConfig
+
+
+class VassoDPOTrainer(VassoTRLTrainerMixin, DPOTrainer):
+    """[`trl.DPOTrainer`] with VASSO optimizer steps (see `hf_vasso.VassoTrainerMixin`). Every metric DPO logs (the
+    rewards, margins, log-probabilities) is the clean pass's.
+
+    ```python
+    from hf_vasso.trl import VassoDPOConfig, VassoDPOTrainer
+
+    args = VassoDPOConfig(output_dir="out", rho=0.05, beta=0.1)
+    VassoDPOTrainer(model=model, args=args, train_dataset=preferences, processing_class=tokenizer).train()
+    ```
+    """
+
+    trl_config_class = DPOConfig
+    vasso_config_class = VassoDPOConfig
