@@ -170,7 +170,8 @@ class VassoSeq2SeqConfig(VassoArguments, Seq2SeqTrainingArguments):
 
 # ---------------------------------------------------------------- upgrading arguments that lack the VASSO fields
 
-_UPGRADED: dict[type, type] = {}
+# The ready classes serve their bases; other bases get a class built on first use.
+_UPGRADED: dict[type, type] = {TrainingArguments: VassoConfig, Seq2SeqTrainingArguments: VassoSeq2SeqConfig}
 
 
 def vasso_arguments_class(base: type) -> type:
