@@ -93,6 +93,8 @@ def validate_vasso_arguments(args: Any) -> None:
     """Every rule on the VASSO fields and their combination with the Trainer's: one place, one `ValueError` each."""
     refuse_deepspeed(getattr(args, "deepspeed", None))
     check_hyperparameters(args.rho, args.theta, args.adversary_prob)
+    # Stored as float whatever real-number type was given (numpy scalars, 0-d tensors): it is saved and logged.
+    args.rho, args.theta, args.adversary_prob = float(args.rho), float(args.theta), float(args.adversary_prob)
     if not isinstance(args.adaptive, bool):
         raise ValueError(f"adaptive={args.adaptive!r} is invalid: it must be True (ASAM) or False.")
     refuse_backward_stepping_optimizer(getattr(args, "optim", None))

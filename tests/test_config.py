@@ -1,5 +1,8 @@
 """Bad values are refused at configuration time with a message that names them and the fix."""
 
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 from helpers import make_dataset, make_model
@@ -91,3 +94,38 @@ def test_wrapper_needs_trainable_parameters():
     model = make_model().requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         VASSO(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rho", np.float32(0.05)),
+        ("theta", np.float64(0.4)),
+        ("rho", torch.tensor(0.1)),
+        ("adversary_prob", np.int64(1)),
+        ("theta", Fraction(1, 2)),
+    ],
+)
+def test_every_real_number_type_is_accepted_and_converted(tmp_path, field, value):
+    args = config(tmp_path, **{field: value})
+    assert type(getattr(args, field)) is float and getattr(args, field) == pytest.approx(float(value))
+
+
+@pytest.mark.parametrize("field", ["rho", "theta", "adversary_prob"])
+def test_booleans_are_refused(tmp_path, field):
+    with pytest.raises(ValueError, match=f"{field}=True is invalid"):
+        config(tmp_path, **{field: True})
+
+
+class SparseEmbeddingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(10, 4, sparse=True)
+
+    def forward(self, x, labels=None):
+        return {"loss": self.embedding(x).sum()}
+
+
+def test_sparse_gradients_are_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="embedding .*sparse=True.*dense"):
+        VassoTrainer(SparseEmbeddingModel(), config(tmp_path))
