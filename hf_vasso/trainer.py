@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import os
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback, TrainingArguments
 from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.utils import logging
 
@@ -64,12 +63,17 @@ class VassoTrainerMixin:
 
     def __init__(self, *trainer_args: Any, **kwargs: Any) -> None:
         refuse_generating_trainer(type(self))
-        # `args` is not always the second parameter (DPOTrainer takes `ref_model` there): find it by name.
-        base_init = super().__init__
-        bound = inspect.signature(base_init).bind_partial(*trainer_args, **kwargs)
-        if bound.arguments.get("args") is not None:
-            bound.arguments["args"] = self._vasso_arguments(bound.arguments["args"])
-        base_init(*bound.args, **bound.kwargs)
+        # The arguments are not always the second parameter (DPOTrainer takes `ref_model` there, a user's trainer
+        # may take `*args`): find them by type among the positional ones, or by name.
+        trainer_args = list(trainer_args)
+        if kwargs.get("args") is not None:
+            kwargs["args"] = self._vasso_arguments(kwargs["args"])
+        else:
+            for i, value in enumerate(trainer_args):
+                if isinstance(value, TrainingArguments):
+                    trainer_args[i] = self._vasso_arguments(value)
+                    break
+        super().__init__(*trainer_args, **kwargs)
         if not isinstance(self.args, VassoArguments):  # the base trainer built its default arguments
             self.args = self._vasso_arguments(self.args)
         self._check_vasso_support()

@@ -270,6 +270,9 @@ class VassoMyArgs(VassoArguments, MyArgs):
 
 
 class VassoMyTrainer(VassoTrainerMixin, MyTrainer):
+    def __init__(self, *args, **kwargs):  # the common pass-through constructor
+        super().__init__(*args, **kwargs)
+
     def perturbed_pass_context(self, model):
         import contextlib
 
