@@ -267,6 +267,7 @@ class VassoUpdate:
 
         self.step = 0
         self.perturbed = False
+        self._has_dtensor = any(isinstance(p, DTensor) for p in self.params)
         self._group = _shard_group([p for p in self.params if isinstance(p, DTensor)])
         self._device = _local(self.params[0]).device
         self._zero = torch.zeros((), device=self._device)
@@ -332,8 +333,9 @@ class VassoUpdate:
         g_sq = g_sq_seg.sum()
         finite = torch.isfinite(g_sq)
 
-        # Zero the (copied) gradient when it is not finite, so that 0 * inf cannot turn d into NaN below.
-        torch.where(finite, work, self._zero, out=work)
+        # Zero the (copied) gradient when it is not finite, so that 0 * inf cannot turn d into NaN below
+        # (masked_fill_ with a 0-d device mask: no host sync, and faster than torch.where on CPU).
+        work.masked_fill_(~finite, 0.0)
         d_sq_prev = [s.d_sq for s in self._segments]
         was_initialized = [s.initialized for s in self._segments]
         for s in self._segments:
@@ -429,7 +431,7 @@ class VassoUpdate:
             raise RuntimeError("VASSO: perturb() called twice without restore(); the saved weights would be lost.")
         if self._scales is None:
             raise RuntimeError("VASSO: perturb() needs this step's absorb_gradient() first.")
-        local = [_local(self.params[i]) for i in self._active]
+        local = self._active_weights()
         torch._foreach_copy_(self._work_views, local)
         self.perturbed = True
         if self._single_plain:
@@ -453,7 +455,7 @@ class VassoUpdate:
         """
         if not self.perturbed:
             return
-        torch._foreach_copy_([_local(self.params[i]) for i in self._active], self._work_views)
+        torch._foreach_copy_(self._active_weights(), self._work_views)
         self.perturbed = False
 
     @torch.no_grad()
@@ -482,8 +484,9 @@ class VassoUpdate:
             sq = self._all_reduce(sq)
         finite = torch.isfinite(sq)
         if grad_scale is None:
+            nonfinite = ~finite
             for g in grads:
-                torch.where(finite, g, self._zero, out=g)
+                g.masked_fill_(nonfinite, 0.0)
         self._window[_W["guarded"]] += 1
         self._window[_W["perturbed_nonfinite"]] += (~finite).float()
 
@@ -553,6 +556,7 @@ class VassoUpdate:
                 s.d_sq = d_sq[i]
         self._active = order
         self._position = {i: k for k, i in enumerate(order)}
+        self._local_cache = None
         self._work = None
         self._work_views = []
         self._scales = None
@@ -564,25 +568,33 @@ class VassoUpdate:
             self._work_views = [v.view(d.shape) for v, d in zip(self._work.split(sizes), self._active_d())]
         return self._work
 
+    def _active_weights(self) -> list[torch.Tensor]:
+        """The weights of this step's active parameters (local shards; cached unless sharded: FSDP2 may swap them)."""
+        if self._local_cache is None or self._has_dtensor:
+            self._local_cache = [_local(self.params[i]) for i in self._active]
+        return self._local_cache
+
     def _active_d(self) -> list[torch.Tensor]:
         return [self.d[i] for i in self._active]
 
     def _copy_gradients_into(self, work: torch.Tensor) -> None:
         """work <- the pass-1 gradient (fp32), zeros for trainable parameters without one this step."""
         sources, targets, missing = [], [], []
+        strided = torch.strided
         for i, view in zip(self._active, self._work_views):
             grad = self.params[i].grad
             if grad is None:
                 missing.append(view)
                 continue
-            if grad.layout is not torch.strided or (isinstance(grad, DTensor) and grad.to_local().is_sparse):
-                name = self.param_names[i] if self.param_names else f"#{i} (shape {tuple(self.params[i].shape)})"
+            if grad.layout is not strided:  # a host-side attribute: no sync
                 raise ValueError(
-                    f"Parameter {name} has a sparse gradient: VASSO needs dense gradients (its norm and EMA are "
-                    "dense). Use a dense embedding (nn.Embedding(sparse=False)) and a dense optimizer."
+                    f"Parameter {self._name(i)} has a sparse gradient: VASSO needs dense gradients (its norm and EMA "
+                    "are dense). Use a dense embedding (nn.Embedding(sparse=False)) and a dense optimizer."
                 )
-            sources.append(_local(grad))
+            sources.append(grad)
             targets.append(view)
+        if self._has_dtensor:
+            sources = [_local(g) for g in sources]
         if sources:
             torch._foreach_copy_(targets, sources)
         if missing:
