@@ -36,6 +36,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
+sys.path.insert(0, _common.REPO)  # the hf_vasso of this checkout, not an installed copy
+
 RHO, THETA = 0.05, 0.4
 IMPLEMENTATIONS = ["VassoUpdate", "VASSO", "SAM", "SAM foreach"]
 PEERS = ["SAM", "SAM foreach"]
