@@ -333,9 +333,9 @@ class VassoUpdate:
         g_sq = g_sq_seg.sum()
         finite = torch.isfinite(g_sq)
 
-        # Zero the (copied) gradient when it is not finite, so that 0 * inf cannot turn d into NaN below
-        # (masked_fill_ with a 0-d device mask: no host sync, and faster than torch.where on CPU).
-        work.masked_fill_(~finite, 0.0)
+        # Make the copied gradient finite, so that its product with take = 0 on a non-finite step is 0 (0 * inf
+        # would be NaN): d then stays exactly itself. On finite steps this changes nothing.
+        work.nan_to_num_(0.0, 0.0, 0.0)
         d_sq_prev = [s.d_sq for s in self._segments]
         was_initialized = [s.initialized for s in self._segments]
         for s in self._segments:
@@ -743,6 +743,11 @@ class VassoUpdate:
         # The layout is the saved one; the next step re-checks the flags against it.
         self._flags = tuple(i in set(self._active) for i in range(len(self.params)))
         self.step = state["step"]
+
+    @property
+    def _d_sq(self) -> torch.Tensor:
+        """||d||² over all cohorts (all-reduced over the shard group), as of the last step or load."""
+        return torch.stack([s.d_sq for s in self._segments]).sum()
 
     def state_bytes(self) -> int:
         """Bytes VASSO keeps beside the model: d and the work buffer (saved weights), both fp32."""
