@@ -689,8 +689,8 @@ class VassoUpdate:
         if not isinstance(d, list) or len(d) != len(self.params):
             count = len(d) if isinstance(d, list) else type(d).__name__
             raise ValueError(
-                f"The VASSO state holds {count} tensors for the {len(self.params)} parameters of this model: resume "
-                "with the same model, adapters and parameters."
+                f"The VASSO state holds {count} tensors, which do not match the {len(self.params)} parameters of this "
+                "model: resume with the same model, adapters and parameters."
             )
         names = state["param_names"]
         if self.param_names is not None and names is not None and list(names) != self.param_names:

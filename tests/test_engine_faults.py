@@ -140,7 +140,7 @@ def test_state_validation_names_what_is_wrong():
         ({k: v for k, v in state.items() if k != "format"}, "format"),
         (dict(state, format="hf_vasso.VassoUpdate/1"), "older hf_vasso"),
         (dict(state, step=12), "at step 12 but the checkpoint is at step 3"),
-        (dict(state, d=state["d"][:-1]), "holds 3 tensors for the 4 parameters"),
+        (dict(state, d=state["d"][:-1]), "holds 3 tensors, which do not match the 4 parameters"),
         (dict(state, d=[torch.full_like(state["d"][0], float("nan"))] + state["d"][1:]), "non-finite"),
         (dict(state, d=[torch.zeros(2, 2)] + state["d"][1:]), "expected a float"),
         ({"state": {}, "param_groups": []}, "format"),  # an optimizer.pt in its place
