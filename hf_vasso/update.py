@@ -475,7 +475,9 @@ class VassoUpdate:
         if not self._guard_pending:
             return
         self._guard_pending = False
-        grads = [_local(self.params[i].grad) for i in self._active if self.params[i].grad is not None]
+        grads = [self.params[i].grad for i in self._active if self.params[i].grad is not None]
+        if self._has_dtensor:
+            grads = [_local(g) for g in grads]
         if grads:
             sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
         else:
@@ -765,5 +767,6 @@ def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
     """Tensors or param-group dicts, as a list of group dicts."""
     params = list(params)
     if params and isinstance(params[0], dict):
-        return [dict(g, params=list(g["params"])) for g in params]
+        as_list = lambda ps: [ps] if isinstance(ps, torch.Tensor) else list(ps)  # torch accepts a lone tensor
+        return [dict(g, params=as_list(g["params"])) for g in params]
     return [{"params": params}]

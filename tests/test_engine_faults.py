@@ -284,11 +284,13 @@ def test_fp16_overflow_is_not_an_adversary_step_and_d_norm_skips_steps_without_d
     assert metrics["vasso/d_norm"] == pytest.approx((norms[2] + norms[3]) / 2, rel=1e-5)
 
 
-def test_adversary_cosine_is_between_successive_eps():
-    """With one rho and the plain geometry, the logged cosine is the cosine between successive ε."""
+@pytest.mark.parametrize("theta", [0.4, 1.0], ids=["vasso", "sam"])
+def test_adversary_cosine_is_between_successive_eps(theta):
+    """With one rho and the plain geometry, the logged cosine is the cosine between successive ε (θ < 1: from
+    squared norms; θ = 1: from <g, d_{t-1}>)."""
     x, y = make_data()
     model = make_model()
-    update = VassoUpdate(model.parameters(), rho=0.1, theta=0.4)
+    update = VassoUpdate(model.parameters(), rho=0.1, theta=theta)
     eps, cosines = [], []
     for step in range(4):
         model.zero_grad()
