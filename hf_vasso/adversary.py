@@ -17,7 +17,7 @@ import torch
 
 
 class PlainAdversary:
-    """ε = ρ·d/‖d‖: the VASSO adversary (SAM's when θ = 1).
+    """ε = ρ·d/‖d‖: the VASSO adversary (SAM's when θ = 1). Paper: arXiv 2309.15639, 2509.02433.
 
     Example::
 
@@ -42,7 +42,7 @@ class PlainAdversary:
 
 
 class AdaptiveAdversary:
-    """ε = ρ·T²d/‖T·d‖ with T = |w|: ASAM's scale-invariant adversary, d in place of the gradient.
+    """ε = ρ·T²d/‖T·d‖ with T = |w|: ASAM's scale-invariant adversary (arXiv 2102.11600), d in place of the gradient.
 
     Equals pytorch_optimizer's `SAM(adaptive=True)` (`e_w = w²·g·ρ/‖|w|·g‖`) when θ = 1. It needs one temporary
     the size of the perturbed weights (fp32) while it computes.

@@ -313,3 +313,35 @@ def test_state_format_tag():
     _, update = trained_update()
     assert update.state_dict()["format"] == STATE_FORMAT
     assert weights(make_model()).keys()  # helpers stay importable
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
+def test_hot_path_never_reads_a_tensor_value_on_the_host(monkeypatch, adaptive):
+    """absorb/perturb/restore/guard/record_losses decide on the device: any host read of a tensor value raises here
+    (through a GradScaler scale, a NaN step, a per-group rho and a change of the trainable set)."""
+    x, y = make_data()
+    model = make_model()
+    groups = [{"params": list(model.net[0].parameters()), "rho": 0.2}, {"params": list(model.net[-1].parameters())}]
+    update = VassoUpdate(groups, rho=0.1, theta=0.4, adaptive=adaptive)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read of a tensor value on the hot path")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    scale = torch.tensor(256.0)
+    for step in range(4):
+        if step == 2:
+            model.net[0].weight.requires_grad_(False)
+        model.zero_grad()
+        loss = model(x, labels=y)["loss"]
+        (loss * (float("nan") if step == 1 else 1.0) * scale).backward()
+        update.absorb_gradient(scale if step % 2 else None)
+        update.perturb()
+        perturbed = model(x, labels=y)["loss"]
+        perturbed.backward()
+        update.restore()
+        update.guard_perturbed_gradient()
+        update.record_losses(loss, perturbed)
+    monkeypatch.undo()
+    assert update.pop_metrics()["vasso/nonfinite_fraction"] == 0.25
