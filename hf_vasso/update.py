@@ -731,10 +731,22 @@ class VassoUpdate:
 
         Raises:
             ValueError: see `validate_state_dict`; nothing is loaded then.
+            RuntimeError: the weights are perturbed.
         """
+        if self.perturbed:
+            raise RuntimeError("VASSO state loaded while the weights are perturbed; call restore() first.")
         self.validate_state_dict(state, expected_step)
-        for key in ("rho", "theta", "adversary_prob", "seed", "adaptive"):
-            old, new = state.get(key), getattr(self, key)
+        current = {
+            "rho": self.rho,
+            "theta": self.theta,
+            "adversary_prob": self.adversary_prob,
+            "seed": self.seed,
+            "adaptive": self.adaptive,
+            "group_rho": [g.rho for g in self._groups],
+            "group_adaptive": [g.adaptive for g in self._groups],
+        }
+        for key, new in current.items():
+            old = state.get(key)
             if old is not None and old != new:
                 logger.warning(f"VASSO hyperparameter {key} changed at resume: {old} → {new} (the new value is used).")
         cohorts = [
