@@ -537,6 +537,12 @@ class VassoUpdate:
     def _build(self, cohorts: list[tuple[list[int], torch.Tensor, torch.Tensor]], d_values: dict) -> None:
         """Lay out the flat d buffer cohort by cohort, copying the given d values (others start at zero)."""
         order = [i for idx, _, _ in cohorts for i in idx]
+        devices = {_local(self.params[i]).device for i in order}
+        if len(devices) > 1:
+            raise NotImplementedError(
+                f"hf_vasso needs every trainable parameter on one device, found {sorted(map(str, devices))}: "
+                "a model split over devices (device_map) is not supported; use DDP or FSDP2."
+            )
         sizes = [_local(self.params[i]).numel() for i in order]
         self._d_flat = torch.zeros(sum(sizes), dtype=torch.float32, device=self._device)
         views = self._d_flat.split(sizes) if sizes else []
