@@ -226,6 +226,7 @@ class VassoUpdate:
     Raises:
         ValueError: a hyperparameter is invalid, no tensor requires a gradient, or `param_names` has the wrong
             length.
+        NotImplementedError: the trainable parameters live on several devices, or are sharded over several meshes.
     """
 
     def __init__(
