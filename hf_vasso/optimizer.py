@@ -1,4 +1,7 @@
-"""`VASSO`: the VASSO step as a `torch.optim.Optimizer` wrapper, for plain PyTorch and Accelerate loops."""
+"""`VASSO`: the VASSO step as a `torch.optim.Optimizer` wrapper, for plain PyTorch and Accelerate loops.
+
+Paper: arXiv 2309.15639 (VASSO, NeurIPS 2023) and arXiv 2509.02433 (the extended version with eVASSO).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,11 @@ from typing import Any
 
 import torch
 
-from .update import VassoUpdate
+from .update import VassoUpdate, check_hyperparameters
 
 
 class VASSO(torch.optim.Optimizer):
-    """Wrap a base optimizer so that it steps with the gradient at the VASSO adversary.
+    """Wrap a base optimizer so that it steps with the gradient at the VASSO adversary (arXiv 2309.15639).
 
     `param_groups` and `state` are the base optimizer's own, so LR schedulers, `zero_grad` and checkpoints keep
     working; `state_dict()` is the base optimizer's with the VASSO state (d, step count) under the key `"vasso"`.
@@ -33,15 +36,31 @@ class VASSO(torch.optim.Optimizer):
 
         optimizer.first_step(zero_grad=True, grad_scaler=accelerator.scaler)
         accelerator.backward(loss_fn(model(x), y))
-        optimizer.restore()
+        optimizer.restore()                       # also keeps a non-finite pass-2 gradient from the weights
         prepared_optimizer.step()                 # unscale, skip on overflow, base step
+
+    A base-optimizer param group may carry its own `"rho"` and `"adaptive"` (pytorch_optimizer's `SAM`
+    semantics: the norm stays global over all groups)::
+
+        base = torch.optim.SGD([{"params": body, "rho": 0.05}, {"params": head, "rho": 0.2}], lr=0.1)
+        optimizer = VASSO(base, theta=0.4)
+
+    Non-finite gradients: a non-finite pass-1 gradient leaves d alone and the weights unperturbed; a non-finite
+    pass-2 gradient is replaced by zeros before the base step (momentum and weight decay still act), or, with a
+    `grad_scaler`, left for the scaler to skip the step. Both are decided on the device and counted in the metrics.
 
     Args:
         base_optimizer (`torch.optim.Optimizer`): the optimizer that takes the step (AdamW, SGD, ...).
-        rho (`float`): perturbation radius, >= 0.
+        rho (`float`): perturbation radius, >= 0 (groups without their own "rho").
         theta (`float`): weight of the newest gradient in d, in (0, 1]; 1.0 is SAM.
         adversary_prob (`float`): probability of an adversary step, in [0, 1]; below 1 is eVASSO.
-        seed (`int`): seed of the eVASSO coins, drawn from (seed, step).
+        seed (`int`): seed of the eVASSO coins, drawn from (seed, step); 42 like the Trainer's default seed.
+        adaptive (`bool`): ASAM's adversary `rho·|w|²d/‖|w|·d‖` (groups without their own "adaptive").
+
+    Raises:
+        TypeError: `base_optimizer` is not an optimizer instance.
+        ValueError: a hyperparameter is invalid, nothing requires a gradient, or the base optimizer is
+            `torch.optim.SparseAdam` (sparse gradients).
     """
 
     def __init__(
@@ -51,18 +70,32 @@ class VASSO(torch.optim.Optimizer):
         rho: float = 0.05,
         theta: float = 0.4,
         adversary_prob: float = 1.0,
-        seed: int = 0,
+        seed: int = 42,
+        adaptive: bool = False,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer instance, got {type(base_optimizer).__name__}: "
                 "build it first, e.g. VASSO(torch.optim.AdamW(model.parameters()), rho=0.05)."
             )
+        if isinstance(base_optimizer, torch.optim.SparseAdam):
+            raise ValueError(
+                "VASSO cannot wrap torch.optim.SparseAdam: it works on sparse gradients, and VASSO's norm and EMA "
+                "need dense ones. Use a dense embedding (nn.Embedding(sparse=False)) with AdamW."
+            )
+        rho = check_hyperparameters(rho, theta, adversary_prob)[0]
         self.base_optimizer = base_optimizer
-        params = [p for group in base_optimizer.param_groups for p in group["params"]]
-        self.vasso = VassoUpdate(params, rho=rho, theta=theta, adversary_prob=adversary_prob, seed=seed)
-        super().__init__(params, dict(base_optimizer.defaults))
+        # A group's own "rho"/"adaptive" (pytorch_optimizer's SAM semantics); the other keys stay the base's.
+        groups = [
+            {"params": g["params"], **{k: g[k] for k in ("rho", "adaptive") if k in g}}
+            for g in base_optimizer.param_groups
+        ]
+        self.vasso = VassoUpdate(
+            groups, rho=rho, theta=theta, adversary_prob=adversary_prob, seed=seed, adaptive=adaptive
+        )
+        super().__init__([p for g in groups for p in g["params"]], dict(base_optimizer.defaults))
         self._share_base_state()
+        self._grad_scale: torch.Tensor | None = None
 
     def _share_base_state(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -76,9 +109,10 @@ class VASSO(torch.optim.Optimizer):
         Returns whether the weights were perturbed (False only on eVASSO's skipped steps, which keep the gradient for
         the base step). `grad_scaler`: the GradScaler that scaled the backward pass, if any (fp16).
         """
-        adversary = self.vasso.adversary_step()
-        scale = grad_scaler._scale if grad_scaler is not None and grad_scaler.is_enabled() else None
-        self.vasso.absorb_gradient(scale)
+        adversary = self.vasso.is_adversary_step()
+        # Kept for the pass-2 guard: with a scaler, a non-finite pass-2 gradient is the scaler's to skip.
+        self._grad_scale = grad_scaler._scale if grad_scaler is not None and grad_scaler.is_enabled() else None
+        self.vasso.absorb_gradient(self._grad_scale)
         if not adversary:
             return False
         self.vasso.perturb()  # also clears the gradients: pass 2 must start from zero
@@ -88,8 +122,10 @@ class VASSO(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put back the weights saved by `first_step`, bit for bit; a no-op when they are not perturbed."""
+        """Put back the weights saved by `first_step`, bit for bit, and keep a non-finite pass-2 gradient from the
+        base step (zeros without a scaler; the scaler's skip with one). A no-op when the weights are not perturbed."""
         self.vasso.restore()
+        self.vasso.guard_perturbed_gradient(self._grad_scale)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -105,7 +141,7 @@ class VASSO(torch.optim.Optimizer):
         the whole VASSO step. Returns the closure's loss, or None when eVASSO skipped pass 2.
         """
         if closure is None:
-            self.vasso.restore()
+            self.restore()
             return self.base_optimizer.step()
         loss = None
         if self.first_step(zero_grad=True):
@@ -114,6 +150,9 @@ class VASSO(torch.optim.Optimizer):
                     loss = closure()
             finally:
                 self.vasso.restore()
+            self.vasso.guard_perturbed_gradient(self._grad_scale)
+            if isinstance(loss, torch.Tensor):
+                self.vasso.record_losses(None, loss)  # the pass-2 loss only: no sharpness without the clean one
         self.base_optimizer.step()
         return loss
 
@@ -123,6 +162,12 @@ class VASSO(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the base optimizer's state and the VASSO state, atomically: both are checked before either loads.
+
+        Raises:
+            ValueError: no "vasso" entry, a VASSO state that does not fit (see `VassoUpdate.validate_state_dict`),
+                or a base state that does not fit the base optimizer; nothing is loaded then.
+        """
         state_dict = dict(state_dict)
         if "vasso" not in state_dict:
             raise ValueError(
@@ -130,6 +175,8 @@ class VASSO(torch.optim.Optimizer):
                 "the base optimizer (optimizer.base_optimizer.load_state_dict) to start d afresh."
             )
         vasso_state = state_dict.pop("vasso")
+        self.vasso.validate_state_dict(vasso_state)
+        # torch checks the groups and sizes before it changes anything, and the VASSO state is already valid.
         self.base_optimizer.load_state_dict(state_dict)
         self._share_base_state()  # load_state_dict rebinds the base optimizer's param_groups and state
         self.vasso.load_state_dict(vasso_state)
@@ -141,6 +188,6 @@ class VASSO(torch.optim.Optimizer):
     def __repr__(self) -> str:
         v = self.vasso
         return (
-            f"VASSO(rho={v.rho}, theta={v.theta}, adversary_prob={v.adversary_prob}, "
+            f"VASSO(rho={v.rho}, theta={v.theta}, adversary_prob={v.adversary_prob}, adaptive={v.adaptive}, "
             f"base_optimizer={self.base_optimizer!r})"
         )

@@ -183,7 +183,8 @@ def test_zero_gradient_gives_zero_perturbation_not_nan():
 
 
 def test_adversary_cosine_metric(tmp_path):
-    """vasso/adversary_cosine is the cosine between successive d, computed without storing d_{t-1}."""
+    """vasso/adversary_cosine is the cosine between successive adversaries (ε ∝ d here: one rho, plain geometry),
+    computed without storing d_{t-1}."""
     x, y = make_data()
     _, records = reference_vasso(make_model(), x, y, steps=3, lr=1e-2, rho=0.1, theta=0.4)
     trainer = train_vasso(tmp_path, max_steps=3)

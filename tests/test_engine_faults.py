@@ -1,0 +1,347 @@
+"""Faults the engine must survive (issue 9): non-finite gradients in any precision and either pass, loaded state
+that does not fit, unusual input types, and metrics that say what they mean."""
+
+import fractions
+import logging
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_data, make_model, weights
+from torch import nn
+
+from hf_vasso import VASSO, VassoUpdate
+from hf_vasso.update import STATE_FORMAT, adversary_coin
+
+
+class SkippingSGD(torch.optim.SGD):
+    """SGD that skips a step whose gradient is not finite (as a GradScaler would), counting the skips."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.skipped = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not all(torch.isfinite(g).all() for g in grads):
+            self.skipped += 1
+            return None
+        return super().step(closure)
+
+
+def nan_run(dtype, steps=10, nan_step=3, nan_passes=(1, 2)):
+    """The issue's input: a 6-16-1 tanh MLP, SkippingSGD wrapped in VASSO(rho=0.05, theta=0.4), the loss multiplied
+    by NaN on step `nan_step` (1-based) in the given passes."""
+    x, y = make_data()
+    x, y = x.to(dtype), y.to(dtype)
+    model = make_model().to(dtype)
+    optimizer = VASSO(SkippingSGD(model.parameters(), lr=0.1), rho=0.05, theta=0.4)
+    d_finite = []
+    for step in range(1, steps + 1):
+        for pass_ in (1, 2):
+            loss = model(x, labels=y)["loss"]
+            if step == nan_step and pass_ in nan_passes:
+                loss = loss * float("nan")
+            loss.backward()
+            if pass_ == 1:
+                optimizer.first_step(zero_grad=True)
+                d_finite.append(all(torch.isfinite(d).all() for d in optimizer.vasso.d))
+        optimizer.second_step(zero_grad=True)
+    return model, optimizer, d_finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_nonfinite_pass_one_never_enters_d_nor_perturbs(dtype):
+    """NaN on step 3 (both passes): d stays finite, the step is a no-op, the run then continues as if step 3 had
+    not happened (compared bit for bit with a run that skips it), and it is counted once."""
+    model, optimizer, d_finite = nan_run(dtype)
+    assert all(d_finite)
+    metrics = optimizer.pop_metrics()
+    assert metrics["vasso/nonfinite_fraction"] == pytest.approx(0.1)
+    assert metrics["vasso/perturbed_nonfinite_fraction"] == pytest.approx(0.1)
+    assert metrics["vasso/adversary_fraction"] == pytest.approx(0.9)  # the NaN step did not move the weights
+    assert optimizer.base_optimizer.skipped == 0  # the pass-2 NaN became a zero gradient before the base step
+
+    x, y = make_data()
+    reference = make_model().to(dtype)
+    ref_opt = VASSO(SkippingSGD(reference.parameters(), lr=0.1), rho=0.05, theta=0.4)
+    for _ in range(9):
+        reference(x.to(dtype), labels=y.to(dtype))["loss"].backward()
+        ref_opt.first_step(zero_grad=True)
+        reference(x.to(dtype), labels=y.to(dtype))["loss"].backward()
+        ref_opt.second_step(zero_grad=True)
+    for (n, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_nonfinite_pass_two_only_never_reaches_the_weights():
+    """Finite at x, NaN at x + ε: without a scaler the step's gradient becomes zeros (plain SGD: no move)."""
+    model, optimizer, d_finite = nan_run(torch.float32, steps=4, nan_step=2, nan_passes=(2,))
+    assert all(d_finite)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    metrics = optimizer.pop_metrics()
+    assert metrics["vasso/perturbed_nonfinite_fraction"] == pytest.approx(0.25)
+    assert metrics["vasso/nonfinite_fraction"] == 0.0
+    assert metrics["vasso/adversary_fraction"] == 1.0
+
+
+def test_pass_two_guard_leaves_a_scaled_gradient_for_the_scaler():
+    model = make_model()
+    x, y = make_data()
+    update = VassoUpdate(model.parameters(), rho=0.1, theta=0.4)
+    scale = torch.tensor(1024.0)
+    for fill, expected_nan in ((None, False), (float("inf"), True)):
+        model(x, labels=y)["loss"].backward()
+        update.absorb_gradient(scale)
+        update.perturb()
+        model(x, labels=y)["loss"].backward()
+        if fill is not None:
+            next(model.parameters()).grad[0, 0] = fill
+        update.restore()
+        update.guard_perturbed_gradient(scale)
+        grad = next(model.parameters()).grad
+        assert (not torch.isfinite(grad).all()) == expected_nan  # left for GradScaler.step to skip
+        model.zero_grad()
+    assert update.pop_metrics()["vasso/perturbed_nonfinite_fraction"] == 0.5
+
+
+def test_guard_is_a_noop_without_perturbation():
+    model = make_model()
+    update = VassoUpdate(model.parameters(), rho=0.1, theta=0.4, adversary_prob=0.0)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    update.absorb_gradient()
+    update.guard_perturbed_gradient()  # no perturb() this step: the pass-1 gradient is the base optimizer's business
+    assert all(torch.isnan(p.grad).all() for p in model.parameters())
+    assert "vasso/perturbed_nonfinite_fraction" not in update.pop_metrics()
+
+
+# ------------------------------------------------------------------ loaded state
+
+
+def trained_update(steps=3, **kwargs):
+    model = make_model()
+    x, y = make_data()
+    update = VassoUpdate(model.parameters(), rho=0.1, theta=0.4, **kwargs)
+    for _ in range(steps):
+        model.zero_grad()
+        model(x, labels=y)["loss"].backward()
+        update.absorb_gradient()
+    return model, update
+
+
+def test_state_validation_names_what_is_wrong():
+    model, update = trained_update()
+    state = update.state_dict()
+    fresh = VassoUpdate(make_model().parameters(), rho=0.1, theta=0.4)
+    fresh.validate_state_dict(state, expected_step=3)
+    cases = [
+        ({k: v for k, v in state.items() if k != "format"}, "format"),
+        (dict(state, format="hf_vasso.VassoUpdate/1"), "older hf_vasso"),
+        (dict(state, step=12), "at step 12 but the checkpoint is at step 3"),
+        (dict(state, d=state["d"][:-1]), "holds 3 tensors, which do not match the 4 parameters"),
+        (dict(state, d=[torch.full_like(state["d"][0], float("nan"))] + state["d"][1:]), "non-finite"),
+        (dict(state, d=[torch.zeros(2, 2)] + state["d"][1:]), "expected a float"),
+        ({"state": {}, "param_groups": []}, "format"),  # an optimizer.pt in its place
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fresh.validate_state_dict(bad, expected_step=3)
+        with pytest.raises(ValueError):
+            fresh.load_state_dict(bad, expected_step=3)
+        assert fresh.step == 0 and all(not d.any() for d in fresh.d)  # nothing loaded
+    fresh.load_state_dict(state, expected_step=3)
+    assert fresh.step == 3 and all(torch.equal(a, b) for a, b in zip(fresh.d, update.d))
+
+
+def test_changed_hyperparameters_are_allowed_and_logged(caplog):
+    _, update = trained_update()
+    other = VassoUpdate(make_model().parameters(), rho=0.2, theta=0.4, adversary_prob=0.5, seed=7)
+    with caplog.at_level(logging.WARNING, logger="hf_vasso"):
+        other.load_state_dict(update.state_dict())
+    assert "rho changed at resume: 0.1 → 0.2" in caplog.text
+    assert "adversary_prob changed at resume: 1.0 → 0.5" in caplog.text
+    assert "seed changed at resume: 42 → 7" in caplog.text
+    assert "theta" not in caplog.text
+    assert other.rho == 0.2
+
+
+def test_wrapper_load_is_atomic():
+    """A VASSO state that does not fit leaves the base optimizer as it was."""
+    x, y = make_data()
+    model = make_model()
+    optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    for _ in range(2):
+        model(x, labels=y)["loss"].backward()
+        optimizer.first_step(zero_grad=True)
+        model(x, labels=y)["loss"].backward()
+        optimizer.second_step(zero_grad=True)
+    state = optimizer.state_dict()
+    state["vasso"]["d"][0] = torch.full_like(state["vasso"]["d"][0], float("inf"))
+    target = VASSO(torch.optim.AdamW(make_model().parameters(), lr=1e-2))
+    with pytest.raises(ValueError, match="non-finite"):
+        target.load_state_dict(state)
+    assert target.base_optimizer.state_dict()["state"] == {}
+    assert target.vasso.step == 0
+
+
+# ------------------------------------------------------------------ input types
+
+
+@pytest.mark.parametrize(
+    "value", [np.float32(0.05), np.float64(0.05), np.int64(1), torch.tensor(0.05), fractions.Fraction(1, 20)]
+)
+def test_every_real_number_type_is_accepted(value):
+    optimizer = VASSO(torch.optim.SGD(make_model().parameters(), lr=0.1), rho=value, theta=value, adversary_prob=value)
+    assert type(optimizer.vasso.rho) is float and optimizer.vasso.rho == pytest.approx(float(value))
+    assert type(optimizer.vasso.theta) is float and type(optimizer.vasso.adversary_prob) is float
+
+
+@pytest.mark.parametrize("name", ["rho", "theta", "adversary_prob"])
+@pytest.mark.parametrize("value", [True, np.bool_(True), torch.tensor(True), "0.1", None])
+def test_booleans_and_non_numbers_are_refused(name, value):
+    with pytest.raises(ValueError, match=name):
+        VASSO(torch.optim.SGD(make_model().parameters(), lr=0.1), **{name: value})
+
+
+def test_seed_must_be_integral():
+    params = make_model().parameters
+    assert VASSO(torch.optim.SGD(params(), lr=0.1), seed=np.int64(7)).vasso.seed == 7
+    assert VASSO(torch.optim.SGD(params(), lr=0.1)).vasso.seed == 42  # the Trainer's default seed
+    for bad in (1.7, True, "3"):
+        with pytest.raises(ValueError, match="seed"):
+            VASSO(torch.optim.SGD(params(), lr=0.1), seed=bad)
+
+
+def test_sparse_gradients_are_refused_with_a_clear_message():
+    embedding = nn.Embedding(10, 4, sparse=True)
+    with pytest.raises(ValueError, match="SparseAdam"):
+        VASSO(torch.optim.SparseAdam(embedding.parameters()))
+    update = VassoUpdate(embedding.parameters(), rho=0.1, theta=0.4, param_names=["embed.weight"])
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="embed.weight has a sparse gradient"):
+        update.absorb_gradient()
+
+
+def test_is_adversary_step_is_the_module_coin():
+    update = VassoUpdate(make_model().parameters(), rho=0.1, theta=0.4, adversary_prob=0.5, seed=3)
+    assert [update.is_adversary_step(t) for t in range(20)] == [adversary_coin(3, t, 0.5) for t in range(20)]
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def explicit_steps(optimizer, model, x, y, steps, closure_form=False):
+    for _ in range(steps):
+        model(x, labels=y)["loss"].backward()
+        if closure_form:
+
+            def closure():
+                loss = model(x, labels=y)["loss"]
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+            optimizer.zero_grad()
+            continue
+        if optimizer.first_step(zero_grad=True):
+            model(x, labels=y)["loss"].backward()
+        optimizer.second_step(zero_grad=True)
+
+
+def test_wrapper_metrics_report_losses_only_when_recorded():
+    x, y = make_data()
+    model = make_model()
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1))
+    explicit_steps(optimizer, model, x, y, 3)
+    metrics = optimizer.pop_metrics()
+    assert "vasso/perturbed_loss" not in metrics and "vasso/sharpness" not in metrics
+
+    explicit_steps(optimizer, model, x, y, 3, closure_form=True)
+    metrics = optimizer.pop_metrics()
+    assert metrics["vasso/perturbed_loss"] > 0 and "vasso/sharpness" not in metrics
+
+
+def test_fp16_overflow_is_not_an_adversary_step_and_d_norm_skips_steps_without_d():
+    x, y = make_data()
+    model = make_model()
+    update = VassoUpdate(model.parameters(), rho=0.1, theta=0.4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    norms = []
+    for step in range(4):
+        model.zero_grad()
+        scaler.scale(model(x, labels=y)["loss"]).backward()
+        if step < 2:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        update.absorb_gradient(scaler._scale)
+        update.perturb()
+        update.restore()
+        norms.append(torch.sqrt(sum((d**2).sum() for d in update.d)).item())
+    metrics = update.pop_metrics()
+    assert metrics["vasso/adversary_fraction"] == 0.5
+    assert metrics["vasso/nonfinite_fraction"] == 0.5
+    assert metrics["vasso/d_norm"] == pytest.approx((norms[2] + norms[3]) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("theta", [0.4, 1.0], ids=["vasso", "sam"])
+def test_adversary_cosine_is_between_successive_eps(theta):
+    """With one rho and the plain geometry, the logged cosine is the cosine between successive ε (θ < 1: from
+    squared norms; θ = 1: from <g, d_{t-1}>)."""
+    x, y = make_data()
+    model = make_model()
+    update = VassoUpdate(model.parameters(), rho=0.1, theta=theta)
+    eps, cosines = [], []
+    for step in range(4):
+        model.zero_grad()
+        model(x * (1 + 0.3 * step), labels=y)["loss"].backward()
+        update.absorb_gradient()
+        before = [p.detach().clone() for p in model.parameters()]
+        update.perturb()
+        eps.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]))
+        update.restore()
+        if step:
+            cosines.append(update.pop_metrics()["vasso/adversary_cosine"])
+        else:
+            assert "vasso/adversary_cosine" not in update.pop_metrics()
+    for t, cos in enumerate(cosines, start=1):
+        expected = (eps[t] @ eps[t - 1] / (eps[t].norm() * eps[t - 1].norm())).item()
+        assert cos == pytest.approx(expected, abs=1e-5)
+
+
+def test_state_format_tag():
+    _, update = trained_update()
+    assert update.state_dict()["format"] == STATE_FORMAT
+    assert weights(make_model()).keys()  # helpers stay importable
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
+def test_hot_path_never_reads_a_tensor_value_on_the_host(monkeypatch, adaptive):
+    """absorb/perturb/restore/guard/record_losses decide on the device: any host read of a tensor value raises here
+    (through a GradScaler scale, a NaN step, a per-group rho and a change of the trainable set)."""
+    x, y = make_data()
+    model = make_model()
+    groups = [{"params": list(model.net[0].parameters()), "rho": 0.2}, {"params": list(model.net[-1].parameters())}]
+    update = VassoUpdate(groups, rho=0.1, theta=0.4, adaptive=adaptive)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read of a tensor value on the hot path")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    scale = torch.tensor(256.0)
+    for step in range(4):
+        if step == 2:
+            model.net[0].weight.requires_grad_(False)
+        model.zero_grad()
+        loss = model(x, labels=y)["loss"]
+        (loss * (float("nan") if step == 1 else 1.0) * scale).backward()
+        update.absorb_gradient(scale if step % 2 else None)
+        update.perturb()
+        perturbed = model(x, labels=y)["loss"]
+        perturbed.backward()
+        update.restore()
+        update.guard_perturbed_gradient()
+        update.record_losses(loss, perturbed)
+    monkeypatch.undo()
+    assert update.pop_metrics()["vasso/nonfinite_fraction"] == 0.25

@@ -1,0 +1,238 @@
+"""The adversary variants on one engine: VASSO's plain geometry, ASAM (`adaptive`), per-group rho.
+
+θ = 1 is checked against pytorch_optimizer's `SAM` (an independent implementation) in a plain loop; the identities
+of docs/algorithm.md run over every variant; d stays bit-identical to the official EMA formula.
+"""
+
+import copy
+
+import pytest
+import torch
+from helpers import make_data, make_model, weights
+from pytorch_optimizer import SAM
+
+from hf_vasso import VASSO, VassoUpdate
+from hf_vasso.adversary import GEOMETRIES
+
+VARIANTS = sorted(GEOMETRIES)  # "adaptive", "plain"
+
+
+def groups_of(model, rhos):
+    """The two Linear layers of the tiny model as two param groups with their own rho (None: no group rho)."""
+    first, second = model.net[0], model.net[-1]
+    groups = [{"params": list(first.parameters())}, {"params": list(second.parameters())}]
+    for g, rho in zip(groups, rhos):
+        if rho is not None:
+            g["rho"] = rho
+    return groups
+
+
+def sam_loop(model, x, y, steps, make_optimizer, closure_form):
+    optimizer = make_optimizer(model)
+    for _ in range(steps):
+
+        def closure():
+            loss = model(x, labels=y)["loss"]
+            loss.backward()
+            return loss
+
+        closure()
+        if closure_form:
+            optimizer.step(closure)
+        else:
+            optimizer.first_step(zero_grad=True)
+            closure()
+            optimizer.second_step(zero_grad=True)
+        optimizer.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+@pytest.mark.parametrize("rhos", [(None, None), (0.05, 0.3)], ids=["one-rho", "group-rho"])
+def test_theta_one_equals_pytorch_optimizer_sam(adaptive, rhos):
+    """θ=1 (+ adaptive) equals pytorch_optimizer's SAM(adaptive=...) with the same param groups, 8 SGD steps."""
+    x, y = make_data()
+    ours = sam_loop(
+        make_model(),
+        x,
+        y,
+        8,
+        lambda m: VASSO(
+            torch.optim.SGD(groups_of(m, rhos), lr=0.2, momentum=0.9), rho=0.1, theta=1.0, adaptive=adaptive
+        ),
+        closure_form=False,
+    )
+    peer = sam_loop(
+        make_model(),
+        x,
+        y,
+        8,
+        lambda m: SAM(groups_of(m, rhos), torch.optim.SGD, rho=0.1, adaptive=adaptive, lr=0.2, momentum=0.9),
+        closure_form=True,
+    )
+    for (name, a), b in zip(ours.named_parameters(), peer.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5, msg=name)
+    # The groups' rho and the geometry mattered: a one-rho plain SAM run lands elsewhere.
+    plain = sam_loop(
+        make_model(), x, y, 8, lambda m: VASSO(torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9), theta=1.0), False
+    )
+    if rhos != (None, None) or adaptive:
+        assert max((a - b).abs().max().item() for a, b in zip(ours.parameters(), plain.parameters())) > 1e-4
+
+
+def perturbation(model, **kwargs):
+    x, y = make_data()
+    before = weights(model)
+    optimizer = VASSO(torch.optim.SGD(kwargs.pop("groups", None) or model.parameters(), lr=0.1), **kwargs)
+    model(x, labels=y)["loss"].backward()
+    optimizer.first_step(zero_grad=True)
+    eps = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    return optimizer, before, eps
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_perturbation_radius_and_exact_restore(variant):
+    """‖ε‖ = ρ (plain) or ‖ε/|w|‖ = ρ (ASAM, the norm in its own geometry); restore is bit for bit."""
+    model = make_model()
+    optimizer, before, eps = perturbation(model, rho=0.37, theta=0.5, adaptive=variant == "adaptive")
+    if variant == "adaptive":
+        radius = torch.sqrt(sum(((eps[n] / before[n].abs()) ** 2).sum() for n in eps))
+    else:
+        radius = torch.sqrt(sum((e**2).sum() for e in eps.values()))
+    assert radius.item() == pytest.approx(0.37, rel=1e-5)
+    optimizer.restore()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+def test_per_group_rho_scales_its_part_with_one_global_norm():
+    """ε_group = ρ_group · d_group / ‖d‖ with ‖d‖ over all groups (not per group)."""
+    model = make_model()
+    x, y = make_data()
+    model(x, labels=y)["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).float()
+    model.zero_grad()
+    optimizer, before, eps = perturbation(model, groups=groups_of(model, (0.05, 0.3)), theta=0.4)
+    for n, e in eps.items():
+        rho = 0.05 if n.startswith("net.0") else 0.3
+        torch.testing.assert_close(e, rho * grads[n] / norm, atol=1e-7, rtol=1e-5)
+    assert optimizer.vasso.pop_metrics().get("vasso/adversary_cosine") is None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lr_zero_leaves_weights_bit_identical(variant):
+    model = make_model()
+    before = weights(model)
+    x, y = make_data()
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.0), rho=0.5, adaptive=variant == "adaptive")
+    for _ in range(6):
+        model(x, labels=y)["loss"].backward()
+        optimizer.first_step(zero_grad=True)
+        model(x, labels=y)["loss"].backward()
+        optimizer.second_step(zero_grad=True)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_first_step_is_sam_for_any_theta(variant):
+    x, y = make_data()
+    adaptive = variant == "adaptive"
+    runs = []
+    for theta in (1.0, 0.3):
+        model = make_model()
+        sam_loop(
+            model,
+            x,
+            y,
+            1,
+            lambda m, t=theta: VASSO(torch.optim.SGD(m.parameters(), lr=0.1), theta=t, adaptive=adaptive),
+            False,
+        )
+        runs.append(weights(model))
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_p0_is_the_base_optimizer_bit_for_bit(variant):
+    x, y = make_data()
+    plain, wrapped = make_model(), make_model()
+    base = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    optimizer = VASSO(
+        torch.optim.AdamW(wrapped.parameters(), lr=1e-2), adversary_prob=0.0, adaptive=variant == "adaptive"
+    )
+    for _ in range(5):
+        plain(x, labels=y)["loss"].backward()
+        base.step()
+        base.zero_grad()
+        wrapped(x, labels=y)["loss"].backward()
+        assert optimizer.first_step() is False
+        optimizer.second_step(zero_grad=True)
+    for (n, a), b in zip(plain.named_parameters(), wrapped.parameters()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_d_is_bit_identical_to_the_official_ema(dtype):
+    """d_t = d.mul_(1-θ).add_(g, alpha=θ) per tensor in fp32 (the official code's formula), bit for bit, over 6
+    steps; ε within 1e-6 of ρ·d/‖d‖ computed in float64 (fp32 weights)."""
+    x, y = make_data()
+    model = make_model().to(dtype)
+    x, y = x.to(dtype), y.to(dtype)
+    update = VassoUpdate(model.parameters(), rho=0.1, theta=0.3)
+    reference = None
+    for step in range(6):
+        model.zero_grad()
+        xs = x * (1 + 0.1 * step)  # a different gradient each step
+        model(xs, labels=y)["loss"].backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        if reference is None:
+            reference = [g.float() for g in grads]
+        else:
+            torch._foreach_mul_(reference, 1 - 0.3)
+            torch._foreach_add_(reference, grads, alpha=0.3)
+        before = [p.detach().clone() for p in model.parameters()]
+        update.absorb_gradient()
+        for d, r in zip(update.d, reference):
+            assert torch.equal(d, r)
+        update.perturb()
+        if dtype == torch.float32:
+            norm = torch.sqrt(sum((r.double() ** 2).sum() for r in reference))
+            for p, b, r in zip(model.parameters(), before, reference):
+                eps = p.detach().double() - b.double()
+                torch.testing.assert_close(eps, 0.1 * r.double() / norm, atol=1e-6, rtol=0)
+        update.restore()
+        assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+def test_asam_theta_below_one_uses_d_not_g():
+    """ASAM with θ<1 perturbs along |w|²·d, d the EMA: check ε against that formula on step 2."""
+    x, y = make_data()
+    model = make_model()
+    update = VassoUpdate(model.parameters(), rho=0.2, theta=0.4, adaptive=True)
+    grads = []
+    for step in range(2):
+        model.zero_grad()
+        model(x * (1 + step), labels=y)["loss"].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        update.absorb_gradient()
+    d = [0.6 * a + 0.4 * b for a, b in zip(*grads)]
+    w = [p.detach().clone() for p in model.parameters()]
+    norm = torch.sqrt(sum(((wi.abs() * di) ** 2).sum() for wi, di in zip(w, d)))
+    update.perturb()
+    for p, wi, di in zip(model.parameters(), w, d):
+        torch.testing.assert_close(p.detach() - wi, 0.2 * wi**2 * di / norm, atol=1e-7, rtol=1e-4)
+    update.restore()
+    assert "vasso/adversary_cosine" not in update.pop_metrics()
+
+
+def test_adaptive_is_saved_and_a_change_is_logged(caplog):
+    model = make_model()
+    a = VASSO(torch.optim.SGD(model.parameters(), lr=0.1), adaptive=True)
+    state = copy.deepcopy(a.state_dict())
+    assert state["vasso"]["adaptive"] is True
+    b = VASSO(torch.optim.SGD(model.parameters(), lr=0.1), adaptive=False)
+    with caplog.at_level("WARNING", logger="hf_vasso"):
+        b.load_state_dict(state)
+    assert "adaptive changed at resume: True → False" in caplog.text
