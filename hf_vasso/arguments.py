@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-from .update import check_hyperparameters
+from .update import check_adaptive, check_hyperparameters, check_seed
 
 
 @dataclass
@@ -92,11 +92,11 @@ class VassoArguments:
 def validate_vasso_arguments(args: Any) -> None:
     """Every rule on the VASSO fields and their combination with the Trainer's: one place, one `ValueError` each."""
     refuse_deepspeed(getattr(args, "deepspeed", None))
-    check_hyperparameters(args.rho, args.theta, args.adversary_prob)
     # Stored as float whatever real-number type was given (numpy scalars, 0-d tensors): it is saved and logged.
-    args.rho, args.theta, args.adversary_prob = float(args.rho), float(args.theta), float(args.adversary_prob)
-    if not isinstance(args.adaptive, bool):
-        raise ValueError(f"adaptive={args.adaptive!r} is invalid: it must be True (ASAM) or False.")
+    args.rho, args.theta, args.adversary_prob = check_hyperparameters(args.rho, args.theta, args.adversary_prob)
+    args.adaptive = check_adaptive(args.adaptive)
+    if hasattr(args, "seed"):
+        args.seed = check_seed(args.seed)
     refuse_backward_stepping_optimizer(getattr(args, "optim", None))
     if getattr(args, "ddp_static_graph", False) and (
         not args.sync_adversary or getattr(args, "gradient_accumulation_steps", 1) > 1

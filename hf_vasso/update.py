@@ -296,9 +296,6 @@ class VassoUpdate:
         """
         return adversary_coin(self.seed, self.step if step is None else step, self.adversary_prob)
 
-    # Kept until the Trainer calls `is_adversary_step`.
-    adversary_step = is_adversary_step
-
     @torch.no_grad()
     def absorb_gradient(self, grad_scale: torch.Tensor | None = None) -> None:
         """Fold the pass-1 gradient into d and compute this step's adversary; advance the step count.

@@ -29,9 +29,9 @@ def test_resume_is_bit_exact(tmp_path, accumulation):
     resumed = run(tmp_path / "resumed", resume=str(checkpoint), **batch)
     for name, value in weights(full.model).items():
         assert torch.equal(value, weights(resumed.model)[name]), name
-    for d, d_full in zip(resumed._vasso.d, full._vasso.d):
+    for d, d_full in zip(resumed.vasso.d, full.vasso.d):
         assert torch.equal(d, d_full)
-    assert resumed._vasso.step == full._vasso.step == 8
+    assert resumed.vasso.step == full.vasso.step == 8
 
 
 def test_resume_without_vasso_state_diverges_and_warns(tmp_path, caplog):

@@ -42,7 +42,7 @@ def test_trainer_matches_reference(tmp_path, theta, adversary_prob):
     trainer = train_vasso(tmp_path, theta=theta, adversary_prob=adversary_prob)
     assert max_abs_diff(weights(trainer.model), weights(ref_model)) < TOL
     # The final d is the reference's too.
-    for d, d_ref in zip(trainer._vasso.d, records[-1]["d"]):
+    for d, d_ref in zip(trainer.vasso.d, records[-1]["d"]):
         torch.testing.assert_close(d, d_ref, atol=TOL, rtol=0)
     # The step moved the weights: the comparison is not between two untouched models.
     assert max_abs_diff(weights(trainer.model), weights(make_model())) > 1e-2
@@ -78,9 +78,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     big = train_vasso(tmp_path / "big", max_steps=6)
     small = train_vasso(tmp_path / "small", max_steps=6, per_device_train_batch_size=8, gradient_accumulation_steps=4)
     assert max_abs_diff(weights(big.model), weights(small.model)) < TOL
-    for d, d_ref in zip(small._vasso.d, big._vasso.d):
+    for d, d_ref in zip(small.vasso.d, big.vasso.d):
         torch.testing.assert_close(d, d_ref, atol=TOL, rtol=0)
-    assert small._vasso.step == big._vasso.step == 6
+    assert small.vasso.step == big.vasso.step == 6
     # Logged loss is the clean loss of the whole step in both.
     big_loss = [h["loss"] for h in big.state.log_history if "loss" in h]
     small_loss = [h["loss"] for h in small.state.log_history if "loss" in h]
@@ -94,7 +94,7 @@ def test_lr_zero_leaves_weights_bit_identical(tmp_path):
     trainer = train_vasso(tmp_path, model=model, learning_rate=0.0, max_steps=25, rho=0.5)
     for k, v in weights(trainer.model).items():
         assert torch.equal(v, before[k]), k
-    assert trainer._vasso.step == 25
+    assert trainer.vasso.step == 25
 
 
 def test_logged_loss_is_the_clean_loss(tmp_path):

@@ -50,9 +50,9 @@ def test_lora_moves_adapters_and_leaves_base_bit_identical(tmp_path):
             original = n.replace("base_model.model.", "").replace(".base_layer", "")
             assert torch.equal(p.detach(), base_before[original]), n
     # VASSO's buffers are sized to the adapters alone.
-    assert sum(d.numel() for d in trainer._vasso.d) == sum(p.numel() for p in trainable.values())
+    assert sum(d.numel() for d in trainer.vasso.d if d is not None) == sum(p.numel() for p in trainable.values())
     total = sum(p.numel() for p in trainer.model.parameters())
-    assert trainer._vasso.state_bytes() < 0.1 * 4 * total
+    assert trainer.vasso.state_bytes() < 0.1 * 4 * total
 
 
 def test_peft_config_with_peft_model_is_refused(tmp_path):
@@ -127,7 +127,7 @@ def test_weights_restored_when_pass_two_raises(tmp_path):
         trainer.train()
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n]), n
-    assert not trainer._vasso.perturbed
+    assert not trainer.vasso.perturbed
     assert model.inner.net[1].track_running_stats
 
 
@@ -227,6 +227,6 @@ def test_trainer_runs_under_bf16_autocast(tmp_path):
         model=make_model(), args=make_args(tmp_path, max_steps=3, bf16=True), train_dataset=make_dataset()
     )
     trainer.train()
-    assert all(d.dtype == torch.float32 and torch.isfinite(d).all() for d in trainer._vasso.d)
+    assert all(d.dtype == torch.float32 and torch.isfinite(d).all() for d in trainer.vasso.d)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 3 and all(h["vasso/adversary_fraction"] == 1.0 for h in logged)

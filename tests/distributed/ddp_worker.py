@@ -161,7 +161,7 @@ def train(
         "log_history": trainer.state.log_history,
     }
     if vasso:
-        result["final_d"] = torch.cat([d.reshape(-1).clone() for d in trainer._vasso.d])
+        result["final_d"] = torch.cat([d.reshape(-1).clone() for d in trainer.vasso.d])
     return result
 
 
