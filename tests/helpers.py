@@ -21,12 +21,12 @@ N_FEATURES = 6
 class TinyRegressor(nn.Module):
     """An MLP with the Trainer's calling convention: `forward(x, labels)` returns a dict with `loss`."""
 
-    def __init__(self, batchnorm: bool = False) -> None:
+    def __init__(self, batchnorm: bool = False, hidden: int = 16) -> None:
         super().__init__()
-        layers = [nn.Linear(N_FEATURES, 16)]
+        layers = [nn.Linear(N_FEATURES, hidden)]
         if batchnorm:
-            layers.append(nn.BatchNorm1d(16))
-        layers += [nn.Tanh(), nn.Linear(16, 1)]
+            layers.append(nn.BatchNorm1d(hidden))
+        layers += [nn.Tanh(), nn.Linear(hidden, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x, labels=None):
@@ -35,9 +35,9 @@ class TinyRegressor(nn.Module):
         return {"loss": loss, "logits": out}
 
 
-def make_model(seed: int = 0, batchnorm: bool = False) -> TinyRegressor:
+def make_model(seed: int = 0, batchnorm: bool = False, hidden: int = 16) -> TinyRegressor:
     torch.manual_seed(seed)
-    return TinyRegressor(batchnorm=batchnorm)
+    return TinyRegressor(batchnorm=batchnorm, hidden=hidden)
 
 
 def make_data(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
