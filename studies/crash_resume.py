@@ -56,8 +56,13 @@ def worker(run_dir: str) -> None:
     class Markers(TrainerCallback):
         started = False
 
+        def __init__(self, checkpoint: str | None) -> None:
+            self.checkpoint = checkpoint
+
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = True
+            self.started = True  # the checkpoint has loaded
+            if self.checkpoint is not None:
+                say("RESUMED", os.path.basename(self.checkpoint))
             say("BEGIN", state.global_step)
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -83,7 +88,7 @@ def worker(run_dir: str) -> None:
             save_steps=SAVE_STEPS,
             logging_steps=5,
         )
-        markers = Markers()
+        markers = Markers(candidate)
         trainer = VassoTrainer(
             model=make_model(hidden=1024), args=args, train_dataset=make_dataset(n=80), callbacks=[markers]
         )
@@ -94,7 +99,6 @@ def worker(run_dir: str) -> None:
                 raise
             say("REFUSED", os.path.basename(candidate or "none"), type(e).__name__)
             continue
-        say("RESUMED" if candidate else "FRESH", os.path.basename(candidate or "none"))
         break
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     torch.save(state, os.path.join(run_dir, "final.pt.tmp"))
