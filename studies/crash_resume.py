@@ -300,15 +300,16 @@ def write_results(out: str, result: dict, info: dict, cmd: str) -> None:
         f"{s['reference_save_window_ms']} ms; training {s['reference_train_s']} s uninterrupted), then restarted; a "
         "restarted process resumes from the newest checkpoint that `train(resume_from_checkpoint=...)` accepts.",
         "",
-        "| chains | bit-exact chains | kills (= restarts) | of them mid-write (a checkpoint left incomplete) "
-        "| restarts that resumed from a checkpoint | incomplete checkpoints refused at resume |",
+        "| chains | bit-exact chains | kills | of them mid-write (a checkpoint left incomplete) "
+        "| processes that resumed from a checkpoint | incomplete checkpoints refused at resume |",
         "| --- | --- | --- | --- | --- | --- |",
         f"| {s['chains']} | **{s['bit_exact_chains']}** | {s['kills']} | {s['kills_mid_write']} "
         f"| {s['resumes_from_checkpoint']} | {s['incomplete_checkpoints_refused']} |",
         "",
         f"Bit-exact: every final weight `torch.equal` to the uninterrupted run's. Kills that came after the process "
-        f"had already finished are not counted ({s['kills_missed']}); a restart after a kill that came before the "
-        "first checkpoint starts afresh. Per-chain records: `crash_resume.json`.",
+        f"had already finished are not counted ({s['kills_missed']}); the next process of the chain then resumes "
+        "from the final checkpoint and has nothing left to train, and one after a kill before the first checkpoint "
+        "starts afresh. Per-chain records: `crash_resume.json`.",
         "",
     ]
     _common.write_text(os.path.join(out, "crash_resume.md"), "\n".join(lines))

@@ -169,8 +169,8 @@ def small_vit(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        intermediate_size=2 * hidden,
         num_labels=num_labels,
+        intermediate_size=config.pop("intermediate_size", 2 * hidden),
         **config,
     )
     return ViTForImageClassification(cfg)
