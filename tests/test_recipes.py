@@ -26,7 +26,9 @@ TINY_LM = ["--tiny_model", "--max_steps", "2", "--max_eval_samples", "8", "--num
 TINY_LM += ["--max_new_tokens", "4", "--logging_steps", "1", "--per_device_train_batch_size", "4"]
 
 # `accelerate launch --cpu` always starts one process: --multi_gpu plus the script's --use_cpu gives two on gloo.
-LAUNCH_TWO_CPU_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+# Started through this interpreter, so a virtual environment works without being activated.
+LAUNCH_TWO_CPU_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+LAUNCH_TWO_CPU_PROCESSES += ["--num_machines", "1"]
 LAUNCH_TWO_CPU_PROCESSES += ["--mixed_precision", "no", "--dynamo_backend", "no"]
 
 needs_smollm2 = pytest.mark.skipif(
@@ -51,14 +53,6 @@ def vit():
 @pytest.fixture(scope="module")
 def lm():
     return load("lm_instruction_tuning")
-
-
-@pytest.fixture(scope="module")
-def embedded_data():
-    sys.path.insert(0, RECIPES)
-    import embedded_data
-
-    return embedded_data
 
 
 def run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -96,6 +90,7 @@ def test_accuracy_metric_loads_offline_by_path():
 # ---------------------------------------------------------------------------------------------------- ViT
 
 
+@pytest.mark.data
 def test_vit_trains_and_reports(vit, tmp_path, capsys):
     out = tmp_path / "vit"
     results = vit.main(TINY_VIT + ["--output_dir", str(out), "--eval_strategy", "steps", "--eval_steps", "1"])
@@ -115,6 +110,7 @@ def test_vit_trains_and_reports(vit, tmp_path, capsys):
     assert "Test accuracy" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
+@pytest.mark.data
 def test_vit_adamw_setting_is_one_pass(vit, tmp_path):
     results = vit.main(TINY_VIT + ["--rho", "0", "--adversary_prob", "0", "--output_dir", str(tmp_path)])
     train_logs = [log for log in results["log_history"] if "loss" in log]
@@ -122,12 +118,30 @@ def test_vit_adamw_setting_is_one_pass(vit, tmp_path):
     assert not any("vasso/perturbed_loss" in log for log in train_logs)
 
 
-def test_vit_falls_back_to_digits(vit, embedded_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(embedded_data, "fashion_mnist_available", lambda root=None: False)
+@pytest.mark.data
+def test_vit_falls_back_to_digits(vit, tmp_path, force_digits):
     results = vit.main(TINY_VIT + ["--output_dir", str(tmp_path)])
-    assert results["data"] == "sklearn digits"
+    assert results["data"] == "sklearn digits" and results["num_train"] == 96
+    assert "patch 4" in results["model"]  # 8x8 images
 
 
+@pytest.mark.data
+def test_vit_default_epochs_scale_with_the_data(vit, tmp_path, monkeypatch):
+    """Without --num_train_epochs the run sees 48,000 images: 4 epochs of Fashion-MNIST's 12,000, 34 of the 1,437
+    digits (4 epochs of those left the first run at 78% test accuracy)."""
+    seen = {}
+    monkeypatch.setattr(
+        vit.VassoTrainer, "train", lambda self, *a, **k: seen.setdefault("epochs", self.args.num_train_epochs)
+    )
+    monkeypatch.setattr(vit.VassoTrainer, "evaluate", lambda self, *a, **k: {"test_accuracy": 0.0, "test_loss": 0.0})
+    small = ["--max_train_samples", "1000", "--max_test_samples", "10", "--output_dir", str(tmp_path)]
+    vit.main(small)
+    assert seen.pop("epochs") == 48
+    vit.main(small + ["--num_train_epochs", "2"])
+    assert seen.pop("epochs") == 2
+
+
+@pytest.mark.data
 def test_vit_label_noise_flips_training_labels(vit, tmp_path, caplog):
     caplog.set_level("INFO")
     results = vit.main(TINY_VIT + ["--label_noise", "0.5", "--output_dir", str(tmp_path)])
@@ -136,6 +150,7 @@ def test_vit_label_noise_flips_training_labels(vit, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("fraction", ["1.0", "-0.1"])
+@pytest.mark.data
 def test_vit_refuses_label_noise_outside_unit_interval(vit, tmp_path, fraction):
     with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
         vit.main(["--label_noise", fraction, "--output_dir", str(tmp_path)])
@@ -150,6 +165,7 @@ def _save_images(path, columns: dict, features=None, test_rows=None):
     return str(path)
 
 
+@pytest.mark.data
 def test_vit_missing_columns_lists_found_columns_and_flags(vit, tmp_path):
     data = _save_images(tmp_path / "data", {"img": [[[[0.0]]]] * 4, "target": [0, 1, 0, 1]})
     with pytest.raises(ValueError) as e:
@@ -160,12 +176,14 @@ def test_vit_missing_columns_lists_found_columns_and_flags(vit, tmp_path):
     assert "--image_column" in message and "--label_column" in message
 
 
+@pytest.mark.data
 def test_vit_refuses_labels_out_of_range(vit, tmp_path):
     data = _save_images(tmp_path / "data", {"image": [[[[0.0]]]] * 4, "label": [0, 1, -1, 2]})
     with pytest.raises(ValueError, match=r"1 train labels are out of range, e\.g\. \[-1\]"):
         vit.main(["--dataset_name", data, "--output_dir", str(tmp_path / "out")])
 
 
+@pytest.mark.data
 def test_vit_refuses_out_of_range_class_labels(vit, tmp_path):
     import datasets
 
@@ -180,6 +198,7 @@ def test_vit_refuses_out_of_range_class_labels(vit, tmp_path):
         vit.main(["--dataset_name", str(tmp_path / "data2"), "--output_dir", str(tmp_path / "out")])
 
 
+@pytest.mark.data
 def test_vit_refuses_empty_split(vit):
     import datasets
 
@@ -189,6 +208,7 @@ def test_vit_refuses_empty_split(vit):
         vit.check_labels(datasets.DatasetDict(train=train, test=train.select([])))
 
 
+@pytest.mark.data
 def test_vit_unreachable_hub_names_say_so_and_name_the_default(tmp_path):
     script = os.path.join("recipes", "vit_image_classification.py")
     result = run(
@@ -285,6 +305,7 @@ def test_lm_unreachable_model_says_so_and_names_the_default(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.data
 def test_vit_under_accelerate_launch_two_processes(tmp_path):
     cmd = LAUNCH_TWO_CPU_PROCESSES + [os.path.join("recipes", "vit_image_classification.py")]
     result = run(cmd + TINY_VIT + ["--output_dir", str(tmp_path), "--use_cpu", "true"], timeout=300)
@@ -309,6 +330,7 @@ def test_lm_under_accelerate_launch_two_processes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.data
 def test_compare_writes_table_csv_and_plot(tmp_path):
     spec = importlib.util.spec_from_file_location("compare", os.path.join(RECIPES, "compare.py"))
     compare = importlib.util.module_from_spec(spec)
