@@ -16,7 +16,7 @@ run's folder with its `results.json`.
     python recipes/compare.py                                   # the ViT recipe's defaults, 3 seeds
     python recipes/compare.py -- --label_noise 0.4              # anything after -- goes to the recipe
     python recipes/compare.py --recipe lm --seeds 0 1           # LoRA on the eg pairs (held-out loss)
-    python recipes/compare.py --quick                           # seconds: a smoke test of the whole pipeline
+    python recipes/compare.py --quick                           # a smoke test of the pipeline (ViT: seconds)
 
 Runs are sequential in this process; under `accelerate launch` each recipe run would use all processes, but the
 comparison itself is meant for one machine.
@@ -57,8 +57,8 @@ RECIPES = {
         "held-out loss",
         False,
         [],
-        ["--tiny_model", "--max_steps", "2", "--max_eval_samples", "8", "--num_generations", "1"]
-        + ["--logging_steps", "1"],
+        ["--max_steps", "2", "--max_eval_samples", "8", "--num_generations", "1", "--max_new_tokens", "4"]
+        + ["--per_device_train_batch_size", "2", "--logging_steps", "1"],
     ),
 }
 

@@ -14,7 +14,9 @@ import os
 import subprocess
 import sys
 
+import embedded_data
 import pytest
+from helpers import tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
@@ -22,8 +24,8 @@ OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", 
 
 TINY_VIT = ["--max_train_samples", "96", "--max_test_samples", "64", "--max_steps", "2"]
 TINY_VIT += ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--logging_steps", "1"]
-TINY_LM = ["--tiny_model", "--max_steps", "2", "--max_eval_samples", "8", "--num_generations", "1"]
-TINY_LM += ["--max_new_tokens", "4", "--logging_steps", "1", "--per_device_train_batch_size", "4"]
+TINY_LM = ["--max_steps", "2", "--max_eval_samples", "8", "--num_generations", "1", "--max_new_tokens", "4"]
+TINY_LM += ["--logging_steps", "1", "--per_device_train_batch_size", "4"]
 
 # `accelerate launch --cpu` always starts one process: --multi_gpu plus the script's --use_cpu gives two on gloo.
 # Started through this interpreter, so a virtual environment works without being activated.
@@ -55,6 +57,24 @@ def lm():
     return load("lm_instruction_tuning")
 
 
+@pytest.fixture(scope="module")
+def tiny_lm(lm, tmp_path_factory) -> list[str]:
+    """The LM recipe's flags for a 2-layer Llama with SmolLM2's tokenizer and chat template, saved as a folder: the
+    recipe loads it as it would a hub name (no 517 MB checkpoint)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        embedded_data.embedded_smollm2(lm.ModelArguments.cache_dir, with_weights=False)
+    )
+    folder = str(tmp_path_factory.mktemp("tiny_lm"))
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=64, max_positions=512, tie_word_embeddings=True, **ids)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return TINY_LM + ["--model_name_or_path", folder]
+
+
 def run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env or OFFLINE_ENV, capture_output=True, text=True, timeout=timeout)
 
@@ -66,7 +86,7 @@ def run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> subproce
     "script, flags",
     [
         ("vit_image_classification.py", ["--label_noise", "--image_column", "--model_name_or_path", "--rho"]),
-        ("lm_instruction_tuning.py", ["--response_column", "--tiny_model", "--lora_r", "--adversary_prob"]),
+        ("lm_instruction_tuning.py", ["--response_column", "--cache_dir", "--lora_r", "--adversary_prob"]),
         ("compare.py", ["--recipe", "--seeds", "--quick"]),
     ],
 )
@@ -233,7 +253,7 @@ def test_vit_unreachable_hub_names_say_so_and_name_the_default(tmp_path):
 def test_lm_labels_cover_the_answer_and_its_end_of_turn_only(lm):
     from transformers import AutoTokenizer
 
-    folder = lm.embedded_smollm2(lm.ModelArguments.cache_dir, with_weights=False)
+    folder = embedded_data.embedded_smollm2(lm.ModelArguments.cache_dir, with_weights=False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the trap the collator must avoid
     short = lm.tokenize_chat(tokenizer, "list files", "ls", max_length=256)
@@ -253,9 +273,9 @@ def test_lm_labels_cover_the_answer_and_its_end_of_turn_only(lm):
 
 
 @needs_smollm2
-def test_lm_trains_lora_and_reports_heldout_loss(lm, tmp_path, capsys):
+def test_lm_trains_lora_and_reports_heldout_loss(lm, tiny_lm, tmp_path, capsys):
     out = tmp_path / "lm"
-    results = lm.main(TINY_LM + ["--learning_rate", "5e-3", "--max_steps", "4", "--output_dir", str(out)])
+    results = lm.main(tiny_lm + ["--learning_rate", "5e-3", "--max_steps", "4", "--output_dir", str(out)])
     assert results["global_steps"] == 4
     assert math.isfinite(results["heldout_loss_before"]) and math.isfinite(results["heldout_loss_after"])
     assert results["heldout_loss_after"] < results["heldout_loss_before"]
@@ -271,7 +291,7 @@ def test_lm_trains_lora_and_reports_heldout_loss(lm, tmp_path, capsys):
 
 
 @needs_smollm2
-def test_lm_missing_columns_lists_found_columns_and_flags(lm, tmp_path):
+def test_lm_missing_columns_lists_found_columns_and_flags(lm, tiny_lm, tmp_path):
     import datasets
 
     rows = {"question": ["a", "b", "c", "d"], "answer": ["1", "2", "3", "4"]}
@@ -284,7 +304,7 @@ def test_lm_missing_columns_lists_found_columns_and_flags(lm, tmp_path):
 
     # the same data trains once the columns are mapped (and Dolly-style context is appended when asked for)
     results = lm.main(
-        TINY_LM
+        tiny_lm
         + ["--dataset_name", str(tmp_path / "data"), "--instruction_column", "question", "--response_column"]
         + ["answer", "--eval_fraction", "0.5", "--output_dir", str(tmp_path / "out")]
     )
@@ -319,9 +339,9 @@ def test_vit_under_accelerate_launch_two_processes(tmp_path):
 
 @pytest.mark.slow
 @needs_smollm2
-def test_lm_under_accelerate_launch_two_processes(tmp_path):
+def test_lm_under_accelerate_launch_two_processes(tiny_lm, tmp_path):
     cmd = LAUNCH_TWO_CPU_PROCESSES + [os.path.join("recipes", "lm_instruction_tuning.py")]
-    result = run(cmd + TINY_LM + ["--output_dir", str(tmp_path), "--use_cpu", "true"], timeout=300)
+    result = run(cmd + tiny_lm + ["--output_dir", str(tmp_path), "--use_cpu", "true"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Held-out loss") == 1
     assert (tmp_path / "adapter_model.safetensors").is_file()
