@@ -545,6 +545,10 @@ def main(argv=None):
     print(f"wrote {args.out}/cost.md", flush=True)
 
 
+def fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
 def write_markdown(args, rows, raw, info, cmd):
     lines = [
         "# Cost: step time and memory",
@@ -581,7 +585,6 @@ def write_markdown(args, rows, raw, info, cmd):
         for r in rows:
             if r["model"] != model_name:
                 continue
-            fmt = lambda v, f: "–" if v is None else format(v, f)
             met = {None: "–", True: "yes", False: "**no**"}[r["meets_target"]]
             lines.append(
                 f"| {r['variant']} | {r['mean_step_ms']:.1f} | {r['ratio_to_plain']:.3f} | "

@@ -171,6 +171,30 @@ def load_eg_pairs(examples_dir: str | None = None) -> list[dict[str, str]]:
     return pairs
 
 
+# ---------------------------------------------------------------------------------------------------- results
+
+
+def write_results(trainer, results: dict) -> dict:
+    """Add what every recipe reports (the VASSO settings, steps, processes, the log history) to `results`, and write
+    them to `output_dir/results.json` on the main process."""
+    import json
+
+    args = trainer.args
+    results.update(
+        rho=args.rho,
+        theta=args.theta,
+        adversary_prob=args.adversary_prob,
+        global_steps=trainer.state.global_step,
+        num_processes=trainer.accelerator.num_processes,
+        log_history=trainer.state.log_history,
+    )
+    if trainer.is_world_process_zero():
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
 # ---------------------------------------------------------------------------------------------------- hub or folder
 
 

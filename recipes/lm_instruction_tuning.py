@@ -25,7 +25,6 @@ Every `VassoConfig` / `TrainingArguments` flag works; `--help` lists them.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     answers_after = generate(trainer.model, tokenizer, prompts, script_args.max_new_tokens)
     trainer.save_model()  # the adapter only (adapter_model.safetensors), and the tokenizer
 
-    results = {
+    results = {  # embedded_data.write_results adds the VASSO settings, steps and log history
         "heldout_loss_before": before,
         "heldout_loss_after": after,
         "heldout_perplexity_before": math.exp(before),
@@ -96,21 +95,13 @@ def main(argv: list[str] | None = None) -> dict:
         "num_train": len(dataset["train"]),
         "num_eval": len(dataset["eval"]),
         "model": model_desc,
-        "rho": training_args.rho,
-        "theta": training_args.theta,
-        "adversary_prob": training_args.adversary_prob,
-        "global_steps": trainer.state.global_step,
-        "num_processes": trainer.accelerator.num_processes,
         "seconds": time.time() - start,
         "generations": [
             {"prompt": p, "reference": r, "before": b, "after": a}
             for p, r, b, a in zip(prompts, references, answers_before, answers_after)
         ],
-        "log_history": trainer.state.log_history,
     }
-    if trainer.is_world_process_zero():
-        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    embedded_data.write_results(trainer, results)
     say = trainer.accelerator.print
     say("\n===== Held-out generations (greedy), before -> after =====")
     for g in results["generations"]:

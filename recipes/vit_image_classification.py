@@ -23,7 +23,6 @@ lists them. `--dataset_name` also takes a folder written by `DatasetDict.save_to
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.save_strategy != "no" or training_args.push_to_hub:
         trainer.save_model()
 
-    results = {
+    results = {  # embedded_data.write_results adds the VASSO settings, steps and log history
         "test_accuracy": metrics["test_accuracy"],
         "test_loss": metrics["test_loss"],
         "data": source,
@@ -91,18 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
         "num_test": len(dataset["test"]),
         "label_noise": script_args.label_noise,
         "model": model_desc,
-        "rho": training_args.rho,
-        "theta": training_args.theta,
-        "adversary_prob": training_args.adversary_prob,
-        "global_steps": trainer.state.global_step,
-        "num_processes": trainer.accelerator.num_processes,
         "seconds": time.time() - start,
-        "log_history": trainer.state.log_history,
     }
-    if trainer.is_world_process_zero():
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    embedded_data.write_results(trainer, results)
     noise = f", {script_args.label_noise:.0%} label noise" if script_args.label_noise else ""
     trainer.accelerator.print(
         f"Test accuracy {metrics['test_accuracy']:.2%} on {source} ({results['num_train']} train / "

@@ -144,9 +144,10 @@ def train_run(args, data, method, rho, seed, noise, validate=False):
     steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
     total = steps_per_epoch * args.epochs
     warmup = max(1, total // 20)
-    schedule = lambda s: (
-        (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
-    )
+
+    def schedule(s):  # linear warm-up, then cosine decay
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(base, schedule)
     spec = METHODS[method]
     opt = None if spec is None else VASSO(base, rho=rho, theta=spec[0], adversary_prob=spec[1], seed=seed)
@@ -276,7 +277,10 @@ def write_reports(args, records, info, cmd, data_name, n_test, finished):
             writer.writeheader()
             writer.writerows(rows)
     rhos = chosen_rhos(records)
-    pct = lambda m, s: f"{100 * m:.2f} ± {100 * s:.2f}"
+
+    def pct(m, s):
+        return f"{100 * m:.2f} ± {100 * s:.2f}"
+
     lines = [
         "# Generalization under label noise",
         "",
