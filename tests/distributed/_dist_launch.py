@@ -38,7 +38,7 @@ def free_port() -> int:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")]))
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["CUDA_VISIBLE_DEVICES"] = ""  # the tests are about CPU processes and gloo, even on a GPU machine
     for key in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_"))]:
