@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: the machine description, the data, the small ViT, result files."""
+"""Provenance shared by the benchmark and study scripts: the machine and command that produced a result, and
+atomic writes of the result files. (Models and data come from `tests/helpers.py` and `recipes/embedded_data.py`.)"""
 
 from __future__ import annotations
 
@@ -66,27 +67,3 @@ def write_text(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def fashion_mnist_tensors():
-    """The embedded images as tensors (Fashion-MNIST, or the digits fallback): see `embedded_data.image_tensors`."""
-    sys.path.insert(0, os.path.join(REPO, "recipes"))
-    import embedded_data
-
-    return embedded_data.image_tensors()
-
-
-def small_vit(image_size: int = 28, patch_size: int = 4, hidden: int = 96, layers: int = 4, heads: int = 4):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    cfg = ViTConfig(
-        image_size=image_size,
-        patch_size=patch_size,
-        num_channels=1,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=2 * hidden,
-        num_labels=10,
-    )
-    return ViTForImageClassification(cfg)

@@ -19,7 +19,6 @@ import pytest
 from helpers import tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = os.path.join(ROOT, "recipes")
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 TINY_VIT = ["--max_train_samples", "96", "--max_test_samples", "64", "--max_steps", "2"]
@@ -39,22 +38,18 @@ needs_smollm2 = pytest.mark.skipif(
 )
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(RECIPES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def vit():
-    return load("vit_image_classification")
+    import vit_image_classification  # recipes/ is on the test path (pyproject.toml)
+
+    return vit_image_classification
 
 
 @pytest.fixture(scope="module")
 def lm():
-    return load("lm_instruction_tuning")
+    import lm_instruction_tuning
+
+    return lm_instruction_tuning
 
 
 @pytest.fixture(scope="module")
@@ -352,9 +347,8 @@ def test_lm_under_accelerate_launch_two_processes(tiny_lm, tmp_path):
 @pytest.mark.slow
 @pytest.mark.data
 def test_compare_writes_table_csv_and_plot(tmp_path):
-    spec = importlib.util.spec_from_file_location("compare", os.path.join(RECIPES, "compare.py"))
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    import compare
+
     compare.main(["--quick", "--seeds", "0", "--output_dir", str(tmp_path)])
 
     with open(tmp_path / "results.csv") as f:
