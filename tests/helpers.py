@@ -10,6 +10,7 @@ import copy
 import csv
 import os
 import random
+import socket
 import subprocess
 import sys
 
@@ -227,6 +228,13 @@ def vasso_step(optimizer, compute_loss) -> torch.Tensor:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_quick(script: str, out: str, *extra: str) -> None:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from fsdp2_trainer_worker import ARGS, full_weights
-from helpers import REPO, make_args, tiny_llama, token_dataset
+from helpers import REPO, free_port, make_args, tiny_llama, token_dataset
 
 from hf_vasso import VassoTrainer
 
@@ -22,12 +21,6 @@ pytestmark = [
     pytest.mark.timeout(600),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
