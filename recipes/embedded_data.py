@@ -111,6 +111,34 @@ def image_tensors(seed: int = 0):
     return (*out, name)
 
 
+def check_labels(dataset) -> list[str]:
+    """Refuse empty splits and labels outside [0, num_labels); return the label names."""
+    import datasets
+
+    for split in ("train", "test"):
+        if len(dataset[split]) == 0:
+            raise ValueError(f"The {split} split is empty: there is nothing to {split} on.")
+    feature = dataset["train"].features["label"]
+    labels = {split: np.asarray(dataset[split]["label"]) for split in ("train", "test")}
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    elif not np.issubdtype(labels["train"].dtype, np.integer):
+        raise ValueError(
+            f"Labels must be integers or a ClassLabel; the label column holds {labels['train'].dtype} values. "
+            "Encode them first (Dataset.class_encode_column)."
+        )
+    else:
+        names = [str(i) for i in range(int(labels["train"].max()) + 1)]
+    for split, values in labels.items():
+        bad = (values < 0) | (values >= len(names))
+        if bad.any():
+            raise ValueError(
+                f"{int(bad.sum())} {split} labels are out of range, e.g. {values[bad][:5].tolist()}: labels must be "
+                f"in [0, {len(names)}) for the {len(names)} classes {names[:10]}."
+            )
+    return names
+
+
 def apply_label_noise(labels: np.ndarray, fraction: float, num_labels: int, seed: int = 0):
     """Symmetric label noise: a `fraction` of the labels, chosen at random, is replaced by a different class drawn
     uniformly. Returns `(noisy_labels, flipped_mask)`."""

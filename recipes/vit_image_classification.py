@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.set_seed(training_args.seed)
 
     dataset, source = load_data(script_args, training_args.seed)
-    label_names = check_labels(dataset)
+    label_names = embedded_data.check_labels(dataset)
     if training_args.max_steps <= 0 and not any(a.split("=")[0] == "--num_train_epochs" for a in argv):
         training_args.num_train_epochs = max(
             training_args.num_train_epochs, math.ceil(IMAGES_TO_SEE / len(dataset["train"]))
@@ -207,40 +207,11 @@ def load_data(script_args: ScriptArguments, seed: int):
         source = s.dataset_name
     if script_args.label_noise > 0:
         noisy, flipped = embedded_data.apply_label_noise(
-            dataset["train"]["label"], script_args.label_noise, len(check_labels(dataset)), seed=seed
+            dataset["train"]["label"], script_args.label_noise, len(embedded_data.check_labels(dataset)), seed=seed
         )
         dataset["train"] = dataset["train"].remove_columns("label").add_column("label", noisy.tolist())
         logger.info(f"Label noise: {int(flipped.sum())} of {len(flipped)} training labels flipped.")
     return dataset, source
-
-
-def check_labels(dataset) -> list[str]:
-    """Refuse empty splits and labels outside [0, num_labels); return the label names."""
-    import datasets
-    import numpy as np
-
-    for split in ("train", "test"):
-        if len(dataset[split]) == 0:
-            raise ValueError(f"The {split} split is empty: there is nothing to {split} on.")
-    feature = dataset["train"].features["label"]
-    labels = {split: np.asarray(dataset[split]["label"]) for split in ("train", "test")}
-    if isinstance(feature, datasets.ClassLabel):
-        names = list(feature.names)
-    elif not np.issubdtype(labels["train"].dtype, np.integer):
-        raise ValueError(
-            f"Labels must be integers or a ClassLabel; the label column holds {labels['train'].dtype} values. "
-            "Encode them first (Dataset.class_encode_column)."
-        )
-    else:
-        names = [str(i) for i in range(int(labels["train"].max()) + 1)]
-    for split, values in labels.items():
-        bad = (values < 0) | (values >= len(names))
-        if bad.any():
-            raise ValueError(
-                f"{int(bad.sum())} {split} labels are out of range, e.g. {values[bad][:5].tolist()}: labels must be "
-                f"in [0, {len(names)}) for the {len(names)} classes {names[:10]}."
-            )
-    return names
 
 
 def build_model(model_args: ModelArguments, script_args: ScriptArguments, label_names: list[str], sample):

@@ -214,13 +214,13 @@ def test_vit_refuses_out_of_range_class_labels(vit, tmp_path):
 
 
 @pytest.mark.data
-def test_vit_refuses_empty_split(vit):
+def test_vit_refuses_empty_split():
     import datasets
 
     train = datasets.Dataset.from_dict({"image": [[[[0.0]]]] * 2, "label": [0, 1]})
     # (an empty split cannot round-trip through save_to_disk, so the check is called on the loaded DatasetDict)
     with pytest.raises(ValueError, match="The test split is empty"):
-        vit.check_labels(datasets.DatasetDict(train=train, test=train.select([])))
+        embedded_data.check_labels(datasets.DatasetDict(train=train, test=train.select([])))
 
 
 @pytest.mark.data
