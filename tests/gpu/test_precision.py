@@ -89,7 +89,7 @@ class _StepProbe(TrainerCallback):
 
 
 def train(tmp_path, model=None, **overrides) -> ProbedTrainer:
-    args = make_args(tmp_path, use_cpu=False, rho=RHO, max_steps=6, **overrides)
+    args = make_args(tmp_path, use_cpu=not torch.cuda.is_available(), rho=RHO, max_steps=6, **overrides)
     trainer = ProbedTrainer(model=model or make_model(), args=args, train_dataset=make_dataset())
     trainer.train()
     return trainer
@@ -114,7 +114,7 @@ def test_fp32_on_gpu_follows_the_reference_loop(tmp_path):
 
 def test_fp16_overflow_step_is_skipped_and_leaves_d_alone(tmp_path):
     poison = 3
-    args = make_args(tmp_path, use_cpu=False, rho=RHO, max_steps=7, fp16=True)
+    args = make_args(tmp_path, use_cpu=not torch.cuda.is_available(), rho=RHO, max_steps=7, fp16=True)
     trainer = ProbedTrainer(model=make_model(), args=args, train_dataset=make_dataset())
     trainer.poison_step = poison
     assert trainer.accelerator.scaler is not None and trainer.accelerator.scaler.is_enabled()
