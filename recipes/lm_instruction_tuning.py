@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=dataset["train"],
         eval_dataset=dataset["eval"],
         processing_class=tokenizer,
-        data_collator=make_collator(tokenizer.pad_token_id),
+        data_collator=make_collator(tokenizer),
         peft_config=LoraConfig(
             r=model_args.lora_r,
             lora_alpha=model_args.lora_alpha,
@@ -276,7 +276,7 @@ def tokenize_chat(tokenizer, instruction: str, response: str, max_length: int) -
     """Token ids of the whole chat, and labels that are -100 everywhere but the assistant's answer.
 
     The answer's closing end-of-turn token is learnt too (it is how the model learns to stop); SmolLM2's pad token is
-    that same token, which is why padding is masked by position in `collate`, never by value.
+    that same token, which is why `make_collator` masks padding by position, never by value.
     """
     user = [{"role": "user", "content": instruction}]
     prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
@@ -290,20 +290,12 @@ def tokenize_chat(tokenizer, instruction: str, response: str, max_length: int) -
     return {"input_ids": input_ids, "labels": labels}
 
 
-def make_collator(pad_token_id: int):
-    import torch
+def make_collator(tokenizer):
+    """Pads input ids with the pad token and labels with -100, by position: SmolLM2's pad token is its end-of-turn
+    token, so masking labels by value would hide the real end of every answer."""
+    from transformers import DataCollatorForSeq2Seq
 
-    def collate(features):
-        width = max(len(f["input_ids"]) for f in features)
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
-        for f in features:
-            pad = width - len(f["input_ids"])
-            batch["input_ids"].append(f["input_ids"] + [pad_token_id] * pad)
-            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
-            batch["labels"].append(f["labels"] + [-100] * pad)  # by position: pad == eos in SmolLM2
-        return {k: torch.tensor(v) for k, v in batch.items()}
-
-    return collate
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
 
 
 def generate(model, tokenizer, instructions: list[str], max_new_tokens: int) -> list[str]:

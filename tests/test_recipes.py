@@ -259,7 +259,7 @@ def test_lm_labels_cover_the_answer_and_its_end_of_turn_only(lm):
     n_prompt = short["labels"].index(answer[0])
     assert short["labels"][:n_prompt] == [-100] * n_prompt
 
-    batch = lm.make_collator(tokenizer.pad_token_id)([short, long])
+    batch = lm.make_collator(tokenizer)([short, long])
     labels, mask = batch["labels"][0], batch["attention_mask"][0]
     width = len(short["input_ids"])
     assert labels[width - 1] == tokenizer.eos_token_id  # the real end of turn is still learnt
