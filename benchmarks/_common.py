@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: the machine description, the data, the small ViT, result files."""
+"""Provenance shared by the benchmark and study scripts: the machine and command that produced a result, and
+atomic writes of the result files. (Models and data come from `tests/helpers.py` and `recipes/embedded_data.py`.)"""
 
 from __future__ import annotations
 
@@ -66,43 +67,3 @@ def write_text(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def fashion_mnist_tensors():
-    """Fashion-MNIST (Debian package) as tensors: `(x_train, y_train, x_test, y_test, name)`, x float32 [N,1,28,28]."""
-    import numpy as np
-    import torch
-
-    sys.path.insert(0, os.path.join(REPO, "recipes"))
-    import embedded_data
-
-    if embedded_data.fashion_mnist_available():
-        root = embedded_data.FASHION_MNIST_DIR
-        out = []
-        for p in ("train", "t10k"):
-            x = embedded_data._read_idx(f"{root}/{p}-images-idx3-ubyte.gz").astype(np.float32) / 255.0
-            y = embedded_data._read_idx(f"{root}/{p}-labels-idx1-ubyte.gz").astype(np.int64)
-            out += [torch.from_numpy(x[:, None].copy()), torch.from_numpy(y.copy())]
-        return (*out, "fashion_mnist")
-    ds, name, _ = embedded_data.load_embedded_images()
-    out = []
-    for split in ("train", "test"):
-        d = ds[split].with_format("torch")
-        out += [d["image"].float(), d["label"].long()]
-    return (*out, name)
-
-
-def small_vit(image_size: int = 28, patch_size: int = 4, hidden: int = 96, layers: int = 4, heads: int = 4):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    cfg = ViTConfig(
-        image_size=image_size,
-        patch_size=patch_size,
-        num_channels=1,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=2 * hidden,
-        num_labels=10,
-    )
-    return ViTForImageClassification(cfg)

@@ -15,9 +15,12 @@ machine's load hit every variant alike; the order rotates every round:
 The ratio to the plain step is compared with its floor: 2 passes for VASSO and SAM, 1 + (fraction of timed steps
 that ran the adversary) for eVASSO. Targets: VASSO within 2.5% of its floor, eVASSO within 3%. Memory: VASSO's
 persistent state (d in fp32 + the saved weights) against the trainable parameter bytes, and with a GPU, the peak
-allocated memory against the plain Trainer's.
+allocated memory against the plain Trainer's. On a GPU two larger models join by default, in bf16: a ViT-B/16
+(86M parameters, 224x224, full training) and a 1.1B-parameter Llama (TinyLlama's shapes, random init) with LoRA;
+every row then also gives the throughput (samples/s, tokens/s for the Llamas).
 
-    python benchmarks/cost.py            # a few minutes on 2 CPU cores
+    python benchmarks/cost.py            # a few minutes on 2 CPU cores; on a GPU also ViT-B/16 and a 1.1B Llama
+    python benchmarks/cost.py --models vit-b16 llama-1.1b-lora --rounds 2   # GPU: throughput and peak memory
     python benchmarks/cost.py --quick    # seconds: checks the pipeline (its ratios mean nothing)
     python benchmarks/cost.py --profile  # also cProfile a VassoTrainer run (top functions into cost_profile.txt)
 
@@ -40,8 +43,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
+import _common  # noqa: E402  (provenance of the results)
+import helpers  # noqa: E402  (the models, the token data, the plain VASSO step, the eVASSO coin)
 
 TRAINER_VARIANTS = {
     # name -> VASSO settings (None: the plain Trainer)
@@ -63,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=24, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every run")
-    p.add_argument("--models", nargs="+", default=["vit", "llama-lora"])
+    gpu_models = ["vit-b16", "llama-1.1b-lora"] if torch.cuda.is_available() else []
+    p.add_argument("--models", nargs="+", default=["vit", "llama-lora"] + gpu_models, choices=list(MODELS))
     p.add_argument("--profile", action="store_true", help="cProfile VassoTrainer (VASSO) runs, top functions to file")
     args = p.parse_args(argv)
     if args.quick:
@@ -74,60 +80,63 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------- models
 
 
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+MODELS = {
+    # name: (description, batch size, sequence length or None, bf16)
+    "vit": ("ViT (patch 4, hidden 96, 4 layers), full training, batch 32", 32, None, False),
+    "llama-lora": ("Llama (4 layers, hidden 128) + LoRA r=8 on attention, batch 8 × 64", 8, 64, False),
+    "vit-b16": ("ViT-B/16 (86M parameters, 224×224, random init), full training, batch 64, bf16", 64, None, True),
+    "llama-1.1b-lora": (
+        "Llama 1.1B (TinyLlama shapes, bf16 weights) + LoRA r=16 on attention, batch 8 × 512",
+        8,
+        512,
+        True,
+    ),
+}
 
 
 def build(model_name: str, quick: bool):
-    """Return `(make_model, peft_config, examples, batch_size, description)`; `make_model()` is seeded."""
+    """Return `(make_model, peft_config, examples, batch_size, description, bf16)`; `make_model()` is seeded."""
+    from peft import LoraConfig
+
+    desc, batch, seq, bf16 = MODELS[model_name]
     g = torch.Generator().manual_seed(SEED)
-    if model_name == "vit":
-        batch, n = 32, 32 * 8
-        x = torch.rand(n, 1, 28, 28, generator=g)
-        y = torch.randint(0, 10, (n,), generator=g)
-        examples = [{"pixel_values": x[i], "labels": y[i]} for i in range(n)]
+    n = batch * 8
+    if model_name.startswith("vit"):
+        big = model_name == "vit-b16"
+        size, channels, labels = (224, 3, 1000) if big else (28, 1, 10)
+        pool = torch.rand(16, channels, size, size, generator=g)  # a small pool: the data loader is not measured
+        y = torch.randint(0, labels, (n,), generator=g)
+        examples = [{"pixel_values": pool[i % 16], "labels": y[i]} for i in range(n)]
+        sizes = dict(patch_size=16, hidden=768, layers=12, heads=12, intermediate_size=3072) if big else {}
+        if quick and not big:
+            sizes = dict(hidden=48, layers=1)
 
         def make():
             torch.manual_seed(SEED)
-            return _common.small_vit(hidden=48 if quick else 96, layers=1 if quick else 4)
+            return helpers.small_vit(image_size=size, channels=channels, num_labels=labels, **sizes)
 
-        return make, None, examples, batch, "ViT (patch 4, hidden 96, 4 layers), full fine-tuning, batch 32"
-    if model_name == "llama-lora":
-        from peft import LoraConfig
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        batch, seq, n, vocab = 8, 64, 8 * 8, 512
-        ids = torch.randint(0, vocab, (n, seq), generator=g)
-        examples = [{"input_ids": ids[i], "labels": ids[i]} for i in range(n)]
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=64 if quick else 128,
-            intermediate_size=128 if quick else 344,
-            num_hidden_layers=1 if quick else 4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=seq,
+        return make, None, examples, batch, desc, bf16
+    big = model_name == "llama-1.1b-lora"
+    vocab = 32000 if big else 512
+    examples = list(helpers.token_dataset(n, seq, vocab_size=vocab, seed=SEED))
+    if big:
+        sizes = dict(hidden_size=2048, intermediate_size=5632, layers=22, heads=32, kv_heads=4)
+    else:
+        sizes = (
+            dict(hidden_size=64, intermediate_size=128, layers=1)
+            if quick
+            else dict(hidden_size=128, intermediate_size=344, layers=4)
         )
+        sizes["kv_heads"] = 4
 
-        def make():
-            torch.manual_seed(SEED)
-            return LlamaForCausalLM(cfg)
+    def make():
+        with torch.device("cuda" if big else "cpu"):
+            model = helpers.tiny_llama(seed=SEED, vocab_size=vocab, max_positions=seq, **sizes)
+        return model.to(torch.bfloat16) if big else model
 
-        lora = LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0
-        )
-        desc = (
-            f"Llama ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) + LoRA r=8 on attention, batch 8 × 64"
-        )
-        return make, lora, examples, batch, desc
-    raise ValueError(f"unknown model {model_name!r}: use vit or llama-lora")
+    r = 16 if big else 8
+    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
+    return make, lora, examples, batch, desc, bf16
 
 
 # ---------------------------------------------------------------------------------------------------- Trainer runs
@@ -169,10 +178,13 @@ class Baton:
         self.cond = threading.Condition()
         self.ring: list[int] = []
         self.holder: int | None = None
+        self.failed = False
 
     def wait_turn(self, me: int) -> None:
         with self.cond:
-            self.cond.wait_for(lambda: self.holder == me)
+            self.cond.wait_for(lambda: self.holder == me or self.failed)
+            if self.failed:
+                raise RuntimeError("another variant of this round failed")
 
     def pass_on(self, me: int, leave: bool = False) -> None:
         with self.cond:
@@ -190,8 +202,9 @@ def make_trainer(variant, args, built, tmp, callback):
 
     from hf_vasso import VassoConfig, VassoTrainer
 
-    make, lora, examples, batch, _ = built
+    make, lora, examples, batch, _, bf16 = built
     common = dict(
+        bf16=bf16,
         output_dir=tmp,
         max_steps=args.warmup + args.steps,
         per_device_train_batch_size=batch,
@@ -212,10 +225,10 @@ def make_trainer(variant, args, built, tmp, callback):
             from peft import get_peft_model
 
             model = get_peft_model(model, lora)
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=ListDataset(examples))
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=examples)
     else:
         cfg = VassoConfig(rho=RHO, **spec, **common)
-        trainer = VassoTrainer(model=model, args=cfg, train_dataset=ListDataset(examples), peft_config=lora)
+        trainer = VassoTrainer(model=model, args=cfg, train_dataset=examples, peft_config=lora)
     trainer.add_callback(callback)
     trainer.remove_callback(PrinterCallback)  # its end-of-training print would only clutter the output
     return trainer
@@ -273,15 +286,16 @@ def trainers_round(variants, args, built, tmp, profiler=None):
             param_bytes = sum(p.numel() * p.element_size() for p in trainable)
             fraction, state_bytes = None, None
             if TRAINER_VARIANTS[variant] is not None:
-                vasso = trainer._vasso
-                fraction = statistics.fmean(vasso.adversary_step(step=s) for s in range(warmup, warmup + args.steps))
-                state_bytes = vasso.state_bytes()
+                p = TRAINER_VARIANTS[variant]["adversary_prob"]
+                fraction = statistics.fmean(
+                    helpers.reference_coin(SEED, s, p) for s in range(warmup, warmup + args.steps)
+                )
+                state_bytes = trainer.vasso.state_bytes()
             results[variant] = (timer.times, fraction, param_bytes, state_bytes, peak)
         except BaseException as e:  # re-raised in the main thread
             errors.append(e)
             with baton.cond:
-                baton.holder = None
-                baton.ring.clear()
+                baton.failed = True
                 baton.cond.notify_all()
 
     groups = [variants] if interleave else [[v] for v in variants]
@@ -318,7 +332,7 @@ def loops_round(variants, args, built):
 
     from hf_vasso import VASSO
 
-    make, lora, examples, batch, _ = built
+    make, lora, examples, batch = built[:4]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batches = []
     for i in range(0, len(examples), batch):
@@ -346,14 +360,12 @@ def loops_round(variants, args, built):
         for variant, (model, opt) in runs.items():
             sync()
             t0 = clock()
-            model(**inputs).loss.backward()
             if variant == "loop AdamW":
+                model(**inputs).loss.backward()
                 opt.step()
                 opt.zero_grad()
             else:
-                opt.first_step(zero_grad=True)
-                model(**inputs).loss.backward()
-                opt.second_step(zero_grad=True)
+                helpers.vasso_step(opt, lambda: model(**inputs).loss)  # noqa: B023 (called at once)
             sync()
             if step >= args.warmup:
                 times[variant].append(elapsed(t0))
@@ -365,7 +377,7 @@ def update_ops(built, reps: int = 20) -> dict:
     VASSO's own work (`absorb_gradient`: EMA, norms, cosine; `perturb` + `restore`), in ms of thread CPU time."""
     from hf_vasso import VassoUpdate
 
-    make, lora, examples, batch, _ = built
+    make, lora, examples, batch = built[:4]
     model = make()
     if lora is not None:
         from peft import get_peft_model
@@ -512,6 +524,8 @@ def main(argv=None):
                     "trainable_param_bytes": e.get("param_bytes"),
                     "vasso_state_bytes": e.get("state_bytes"),
                     "peak_bytes": e.get("peak"),
+                    "samples_per_s": built[3] / mean[0],
+                    "tokens_per_s": built[3] * MODELS[model_name][2] / mean[0] if MODELS[model_name][2] else None,
                 }
             )
 
@@ -529,6 +543,10 @@ def main(argv=None):
         _common.write_text(os.path.join(args.out, "cost_profile.txt"), s.getvalue())
     write_markdown(args, rows, raw, info, cmd)
     print(f"wrote {args.out}/cost.md", flush=True)
+
+
+def fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 def write_markdown(args, rows, raw, info, cmd):
@@ -567,7 +585,6 @@ def write_markdown(args, rows, raw, info, cmd):
         for r in rows:
             if r["model"] != model_name:
                 continue
-            fmt = lambda v, f: "–" if v is None else format(v, f)
             met = {None: "–", True: "yes", False: "**no**"}[r["meets_target"]]
             lines.append(
                 f"| {r['variant']} | {r['mean_step_ms']:.1f} | {r['ratio_to_plain']:.3f} | "
@@ -599,10 +616,12 @@ def write_markdown(args, rows, raw, info, cmd):
             plain = [x for x in rows if x["model"] == model_name and x["variant"] == "Trainer (AdamW)"][0]
             if plain["peak_bytes"]:
                 for x in rows:
-                    if x["model"] == model_name and x["peak_bytes"] and x["variant"] != plain["variant"]:
+                    if x["model"] == model_name and x["peak_bytes"]:
+                        tokens = f", {x['tokens_per_s']:,.0f} tokens/s" if x["tokens_per_s"] else ""
                         lines.append(
-                            f"Peak GPU memory {x['variant']}: "
-                            f"{x['peak_bytes'] / plain['peak_bytes']:.3f}× the plain Trainer."
+                            f"- {x['variant']}: {x['samples_per_s']:,.1f} samples/s{tokens}; peak GPU memory "
+                            f"{x['peak_bytes'] / 2**30:.2f} GiB = {x['peak_bytes'] / plain['peak_bytes']:.3f}× the "
+                            "plain Trainer's."
                         )
             else:
                 lines.append("Peak memory: not measured (no GPU on this machine).")

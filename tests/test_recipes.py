@@ -14,19 +14,22 @@ import os
 import subprocess
 import sys
 
+import embedded_data
 import pytest
+from helpers import tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = os.path.join(ROOT, "recipes")
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 TINY_VIT = ["--max_train_samples", "96", "--max_test_samples", "64", "--max_steps", "2"]
 TINY_VIT += ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--logging_steps", "1"]
-TINY_LM = ["--tiny_model", "--max_steps", "2", "--max_eval_samples", "8", "--num_generations", "1"]
-TINY_LM += ["--max_new_tokens", "4", "--logging_steps", "1", "--per_device_train_batch_size", "4"]
+TINY_LM = ["--max_steps", "2", "--max_eval_samples", "8", "--num_generations", "1", "--max_new_tokens", "4"]
+TINY_LM += ["--logging_steps", "1", "--per_device_train_batch_size", "4"]
 
 # `accelerate launch --cpu` always starts one process: --multi_gpu plus the script's --use_cpu gives two on gloo.
-LAUNCH_TWO_CPU_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+# Started through this interpreter, so a virtual environment works without being activated.
+LAUNCH_TWO_CPU_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+LAUNCH_TWO_CPU_PROCESSES += ["--num_machines", "1"]
 LAUNCH_TWO_CPU_PROCESSES += ["--mixed_precision", "no", "--dynamo_backend", "no"]
 
 needs_smollm2 = pytest.mark.skipif(
@@ -35,30 +38,36 @@ needs_smollm2 = pytest.mark.skipif(
 )
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(RECIPES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def vit():
-    return load("vit_image_classification")
+    import vit_image_classification  # recipes/ is on the test path (pyproject.toml)
+
+    return vit_image_classification
 
 
 @pytest.fixture(scope="module")
 def lm():
-    return load("lm_instruction_tuning")
+    import lm_instruction_tuning
+
+    return lm_instruction_tuning
 
 
 @pytest.fixture(scope="module")
-def embedded_data():
-    sys.path.insert(0, RECIPES)
-    import embedded_data
+def tiny_lm(lm, tmp_path_factory) -> list[str]:
+    """The LM recipe's flags for a 2-layer Llama with SmolLM2's tokenizer and chat template, saved as a folder: the
+    recipe loads it as it would a hub name (no 517 MB checkpoint)."""
+    from transformers import AutoTokenizer
 
-    return embedded_data
+    tokenizer = AutoTokenizer.from_pretrained(
+        embedded_data.embedded_smollm2(lm.ModelArguments.cache_dir, with_weights=False)
+    )
+    folder = str(tmp_path_factory.mktemp("tiny_lm"))
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=64, max_positions=512, tie_word_embeddings=True, **ids)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return TINY_LM + ["--model_name_or_path", folder]
 
 
 def run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -72,7 +81,7 @@ def run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> subproce
     "script, flags",
     [
         ("vit_image_classification.py", ["--label_noise", "--image_column", "--model_name_or_path", "--rho"]),
-        ("lm_instruction_tuning.py", ["--response_column", "--tiny_model", "--lora_r", "--adversary_prob"]),
+        ("lm_instruction_tuning.py", ["--response_column", "--cache_dir", "--lora_r", "--adversary_prob"]),
         ("compare.py", ["--recipe", "--seeds", "--quick"]),
     ],
 )
@@ -96,6 +105,7 @@ def test_accuracy_metric_loads_offline_by_path():
 # ---------------------------------------------------------------------------------------------------- ViT
 
 
+@pytest.mark.data
 def test_vit_trains_and_reports(vit, tmp_path, capsys):
     out = tmp_path / "vit"
     results = vit.main(TINY_VIT + ["--output_dir", str(out), "--eval_strategy", "steps", "--eval_steps", "1"])
@@ -115,6 +125,7 @@ def test_vit_trains_and_reports(vit, tmp_path, capsys):
     assert "Test accuracy" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
+@pytest.mark.data
 def test_vit_adamw_setting_is_one_pass(vit, tmp_path):
     results = vit.main(TINY_VIT + ["--rho", "0", "--adversary_prob", "0", "--output_dir", str(tmp_path)])
     train_logs = [log for log in results["log_history"] if "loss" in log]
@@ -122,12 +133,30 @@ def test_vit_adamw_setting_is_one_pass(vit, tmp_path):
     assert not any("vasso/perturbed_loss" in log for log in train_logs)
 
 
-def test_vit_falls_back_to_digits(vit, embedded_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(embedded_data, "fashion_mnist_available", lambda root=None: False)
+@pytest.mark.data
+def test_vit_falls_back_to_digits(vit, tmp_path, force_digits):
     results = vit.main(TINY_VIT + ["--output_dir", str(tmp_path)])
-    assert results["data"] == "sklearn digits"
+    assert results["data"] == "sklearn digits" and results["num_train"] == 96
+    assert "patch 4" in results["model"]  # 8x8 images
 
 
+@pytest.mark.data
+def test_vit_default_epochs_scale_with_the_data(vit, tmp_path, monkeypatch):
+    """Without --num_train_epochs the run sees 48,000 images: 4 epochs of Fashion-MNIST's 12,000, 34 of the 1,437
+    digits (4 epochs of those left the first run at 78% test accuracy)."""
+    seen = {}
+    monkeypatch.setattr(
+        vit.VassoTrainer, "train", lambda self, *a, **k: seen.setdefault("epochs", self.args.num_train_epochs)
+    )
+    monkeypatch.setattr(vit.VassoTrainer, "evaluate", lambda self, *a, **k: {"test_accuracy": 0.0, "test_loss": 0.0})
+    small = ["--max_train_samples", "1000", "--max_test_samples", "10", "--output_dir", str(tmp_path)]
+    vit.main(small)
+    assert seen.pop("epochs") == 48
+    vit.main(small + ["--num_train_epochs", "2"])
+    assert seen.pop("epochs") == 2
+
+
+@pytest.mark.data
 def test_vit_label_noise_flips_training_labels(vit, tmp_path, caplog):
     caplog.set_level("INFO")
     results = vit.main(TINY_VIT + ["--label_noise", "0.5", "--output_dir", str(tmp_path)])
@@ -136,6 +165,7 @@ def test_vit_label_noise_flips_training_labels(vit, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("fraction", ["1.0", "-0.1"])
+@pytest.mark.data
 def test_vit_refuses_label_noise_outside_unit_interval(vit, tmp_path, fraction):
     with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
         vit.main(["--label_noise", fraction, "--output_dir", str(tmp_path)])
@@ -150,6 +180,7 @@ def _save_images(path, columns: dict, features=None, test_rows=None):
     return str(path)
 
 
+@pytest.mark.data
 def test_vit_missing_columns_lists_found_columns_and_flags(vit, tmp_path):
     data = _save_images(tmp_path / "data", {"img": [[[[0.0]]]] * 4, "target": [0, 1, 0, 1]})
     with pytest.raises(ValueError) as e:
@@ -160,12 +191,14 @@ def test_vit_missing_columns_lists_found_columns_and_flags(vit, tmp_path):
     assert "--image_column" in message and "--label_column" in message
 
 
+@pytest.mark.data
 def test_vit_refuses_labels_out_of_range(vit, tmp_path):
     data = _save_images(tmp_path / "data", {"image": [[[[0.0]]]] * 4, "label": [0, 1, -1, 2]})
     with pytest.raises(ValueError, match=r"1 train labels are out of range, e\.g\. \[-1\]"):
         vit.main(["--dataset_name", data, "--output_dir", str(tmp_path / "out")])
 
 
+@pytest.mark.data
 def test_vit_refuses_out_of_range_class_labels(vit, tmp_path):
     import datasets
 
@@ -180,15 +213,17 @@ def test_vit_refuses_out_of_range_class_labels(vit, tmp_path):
         vit.main(["--dataset_name", str(tmp_path / "data2"), "--output_dir", str(tmp_path / "out")])
 
 
-def test_vit_refuses_empty_split(vit):
+@pytest.mark.data
+def test_vit_refuses_empty_split():
     import datasets
 
     train = datasets.Dataset.from_dict({"image": [[[[0.0]]]] * 2, "label": [0, 1]})
     # (an empty split cannot round-trip through save_to_disk, so the check is called on the loaded DatasetDict)
     with pytest.raises(ValueError, match="The test split is empty"):
-        vit.check_labels(datasets.DatasetDict(train=train, test=train.select([])))
+        embedded_data.check_labels(datasets.DatasetDict(train=train, test=train.select([])))
 
 
+@pytest.mark.data
 def test_vit_unreachable_hub_names_say_so_and_name_the_default(tmp_path):
     script = os.path.join("recipes", "vit_image_classification.py")
     result = run(
@@ -213,7 +248,7 @@ def test_vit_unreachable_hub_names_say_so_and_name_the_default(tmp_path):
 def test_lm_labels_cover_the_answer_and_its_end_of_turn_only(lm):
     from transformers import AutoTokenizer
 
-    folder = lm.embedded_smollm2(lm.ModelArguments.cache_dir, with_weights=False)
+    folder = embedded_data.embedded_smollm2(lm.ModelArguments.cache_dir, with_weights=False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the trap the collator must avoid
     short = lm.tokenize_chat(tokenizer, "list files", "ls", max_length=256)
@@ -224,7 +259,7 @@ def test_lm_labels_cover_the_answer_and_its_end_of_turn_only(lm):
     n_prompt = short["labels"].index(answer[0])
     assert short["labels"][:n_prompt] == [-100] * n_prompt
 
-    batch = lm.make_collator(tokenizer.pad_token_id)([short, long])
+    batch = lm.make_collator(tokenizer)([short, long])
     labels, mask = batch["labels"][0], batch["attention_mask"][0]
     width = len(short["input_ids"])
     assert labels[width - 1] == tokenizer.eos_token_id  # the real end of turn is still learnt
@@ -233,9 +268,9 @@ def test_lm_labels_cover_the_answer_and_its_end_of_turn_only(lm):
 
 
 @needs_smollm2
-def test_lm_trains_lora_and_reports_heldout_loss(lm, tmp_path, capsys):
+def test_lm_trains_lora_and_reports_heldout_loss(lm, tiny_lm, tmp_path, capsys):
     out = tmp_path / "lm"
-    results = lm.main(TINY_LM + ["--learning_rate", "5e-3", "--max_steps", "4", "--output_dir", str(out)])
+    results = lm.main(tiny_lm + ["--learning_rate", "5e-3", "--max_steps", "4", "--output_dir", str(out)])
     assert results["global_steps"] == 4
     assert math.isfinite(results["heldout_loss_before"]) and math.isfinite(results["heldout_loss_after"])
     assert results["heldout_loss_after"] < results["heldout_loss_before"]
@@ -251,7 +286,7 @@ def test_lm_trains_lora_and_reports_heldout_loss(lm, tmp_path, capsys):
 
 
 @needs_smollm2
-def test_lm_missing_columns_lists_found_columns_and_flags(lm, tmp_path):
+def test_lm_missing_columns_lists_found_columns_and_flags(lm, tiny_lm, tmp_path):
     import datasets
 
     rows = {"question": ["a", "b", "c", "d"], "answer": ["1", "2", "3", "4"]}
@@ -264,7 +299,7 @@ def test_lm_missing_columns_lists_found_columns_and_flags(lm, tmp_path):
 
     # the same data trains once the columns are mapped (and Dolly-style context is appended when asked for)
     results = lm.main(
-        TINY_LM
+        tiny_lm
         + ["--dataset_name", str(tmp_path / "data"), "--instruction_column", "question", "--response_column"]
         + ["answer", "--eval_fraction", "0.5", "--output_dir", str(tmp_path / "out")]
     )
@@ -285,6 +320,7 @@ def test_lm_unreachable_model_says_so_and_names_the_default(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.data
 def test_vit_under_accelerate_launch_two_processes(tmp_path):
     cmd = LAUNCH_TWO_CPU_PROCESSES + [os.path.join("recipes", "vit_image_classification.py")]
     result = run(cmd + TINY_VIT + ["--output_dir", str(tmp_path), "--use_cpu", "true"], timeout=300)
@@ -298,9 +334,9 @@ def test_vit_under_accelerate_launch_two_processes(tmp_path):
 
 @pytest.mark.slow
 @needs_smollm2
-def test_lm_under_accelerate_launch_two_processes(tmp_path):
+def test_lm_under_accelerate_launch_two_processes(tiny_lm, tmp_path):
     cmd = LAUNCH_TWO_CPU_PROCESSES + [os.path.join("recipes", "lm_instruction_tuning.py")]
-    result = run(cmd + TINY_LM + ["--output_dir", str(tmp_path), "--use_cpu", "true"], timeout=300)
+    result = run(cmd + tiny_lm + ["--output_dir", str(tmp_path), "--use_cpu", "true"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Held-out loss") == 1
     assert (tmp_path / "adapter_model.safetensors").is_file()
@@ -309,10 +345,10 @@ def test_lm_under_accelerate_launch_two_processes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.data
 def test_compare_writes_table_csv_and_plot(tmp_path):
-    spec = importlib.util.spec_from_file_location("compare", os.path.join(RECIPES, "compare.py"))
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    import compare
+
     compare.main(["--quick", "--seeds", "0", "--output_dir", str(tmp_path)])
 
     with open(tmp_path / "results.csv") as f:

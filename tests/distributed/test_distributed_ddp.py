@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dist_launch import accelerate_launch, accelerate_launch_multi_node, load, python, torchrun  # noqa: E402
+from _dist_launch import accelerate_launch, accelerate_launch_multi_node, load, python, torchrun
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dist_launch import torchrun  # noqa: E402
+from _dist_launch import torchrun
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 

@@ -11,8 +11,8 @@ from the label-noise study's per-step records (`label_noise_runs.jsonl`, written
 Without a study file, the script trains the same-rho pairs itself with `label_noise.py`'s loop (`--rho`, `--noise`,
 `--seed`; the study's flags such as `--epochs` pass through).
 
-    python benchmarks/stability.py             # a few minutes on one core
-    python benchmarks/stability.py --quick     # seconds
+    python studies/stability.py             # a few minutes on one core
+    python studies/stability.py --quick     # seconds
 
 Writes `stability.md`, `stability.json` and `stability.png` under `--out`.
 """
@@ -24,14 +24,11 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
+import label_noise  # studies/: this script's own folder
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
-import label_noise  # noqa: E402
+from label_noise import _common
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 PAIRED = ["SAM", "VASSO θ=0.4", "VASSO θ=0.2"]
@@ -40,7 +37,7 @@ PAIRED = ["SAM", "VASSO θ=0.4", "VASSO θ=0.2"]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
-    p.add_argument("--out", default=_common.DEFAULT_OUT)
+    p.add_argument("--out", default=label_noise.DEFAULT_OUT)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rho", type=float, default=0.1, help="rho of the paired runs")
     p.add_argument("--noise", type=float, default=0.4, help="label noise of the paired runs")

@@ -10,10 +10,10 @@ images (never the test set), with the same noise applied to its labels (a practi
 symmetric noise the noisy-label accuracy is an increasing affine function of the clean accuracy, so the ranking is
 the same).
 
-    python benchmarks/label_noise.py              # the full study (about an hour on one core)
-    python benchmarks/label_noise.py --quick      # tiny sizes, seconds (what the tests run)
-    python benchmarks/label_noise.py --report-only  # rebuild the tables and plot from the runs recorded so far
-    nohup python benchmarks/label_noise.py --resume > benchmarks/results/label_noise.log 2>&1 &
+    python studies/label_noise.py              # the full study (about an hour on one core)
+    python studies/label_noise.py --quick      # tiny sizes, seconds (what the tests run)
+    python studies/label_noise.py --report-only  # rebuild the tables and plot from the runs recorded so far
+    nohup python studies/label_noise.py --resume > studies/results/label_noise.log 2>&1 &
 
 Writes `label_noise.md` (tables), `label_noise_summary.csv`, `label_noise_runs.jsonl` (one record per run with the
 per-epoch curves and the per-step adversary cosines that `stability.py` reads) and `label_noise.png` under `--out`,
@@ -34,8 +34,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:0] = [os.path.join(REPO, folder) for folder in ("benchmarks", "recipes", "tests")]
+import _common  # noqa: E402  (provenance of the results)
+import embedded_data  # noqa: E402  (the images, the label noise)
+import helpers  # noqa: E402  (the small ViT and the plain VASSO step)
+
+DEFAULT_OUT = os.path.join(HERE, "results")
 
 # name -> (theta, adversary_prob); None is the base optimizer alone.
 METHODS = {
@@ -50,7 +56,7 @@ METHODS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds: checks the pipeline, not the claim")
-    p.add_argument("--out", default=_common.DEFAULT_OUT, help="results folder")
+    p.add_argument("--out", default=DEFAULT_OUT, help="results folder")
     p.add_argument("--resume", action="store_true", help="skip runs already recorded in the JSONL file")
     p.add_argument(
         "--report-only", action="store_true", help="rewrite the tables and plot from the JSONL file, no training"
@@ -83,8 +89,7 @@ def parse_args(argv=None):
 
 
 def make_data(args):
-    x_train, y_train, x_test, y_test, name = _common.fashion_mnist_tensors()
-    from embedded_data import apply_label_noise  # recipes/ is on sys.path from here on
+    x_train, y_train, x_test, y_test, name = embedded_data.image_tensors()
 
     g = torch.Generator().manual_seed(1234)  # one fixed subset for every run
     order = torch.randperm(len(y_train), generator=g)
@@ -104,7 +109,7 @@ def make_data(args):
     }
 
     def noisy(labels, fraction, seed):
-        y, flipped = apply_label_noise(labels.numpy(), fraction, 10, seed=seed)
+        y, flipped = embedded_data.apply_label_noise(labels.numpy(), fraction, 10, seed=seed)
         return torch.from_numpy(y), torch.from_numpy(flipped)
 
     data["noisy"] = noisy
@@ -131,37 +136,42 @@ def train_run(args, data, method, rho, seed, noise, validate=False):
     if validate:
         y_val, _ = data["noisy"](data["y_val"], noise, seed + 10_000)
     torch.manual_seed(seed)
-    model = _common.small_vit(patch_size=args.patch_size, hidden=args.hidden, layers=args.layers)
+    size = x_train.shape[-1]  # 28 for Fashion-MNIST, 8 for the digits fallback
+    patch = next(p for p in (args.patch_size, 4, 2, 1) if size % p == 0)
+    model = helpers.small_vit(image_size=size, patch_size=patch, hidden=args.hidden, layers=args.layers)
     model.train()
     base = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
     total = steps_per_epoch * args.epochs
     warmup = max(1, total // 20)
-    schedule = lambda s: (
-        (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
-    )
+
+    def schedule(s):  # linear warm-up, then cosine decay
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(base, schedule)
     spec = METHODS[method]
     opt = None if spec is None else VASSO(base, rho=rho, theta=spec[0], adversary_prob=spec[1], seed=seed)
     order_gen = torch.Generator().manual_seed(seed)
 
-    passes, steps, cosines, curve = 0, 0, [], []
+    passes, steps, cosines, curve, batch = 0, 0, [], [], {}
+
+    def loss():
+        nonlocal passes
+        passes += 1
+        return F.cross_entropy(model(pixel_values=batch["x"]).logits, batch["y"])
+
     t0 = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         perm = torch.randperm(len(y_train), generator=order_gen)
         for i in range(0, len(perm), args.batch_size):
             idx = perm[i : i + args.batch_size]
-            x, y = x_train[idx], y_train[idx]
-            F.cross_entropy(model(pixel_values=x).logits, y).backward()
-            passes += 1
+            batch.update(x=x_train[idx], y=y_train[idx])
             if opt is None:
+                loss().backward()
                 base.step()
                 base.zero_grad()
             else:
-                if opt.first_step(zero_grad=True):
-                    F.cross_entropy(model(pixel_values=x).logits, y).backward()
-                    passes += 1
-                opt.second_step(zero_grad=True)
+                helpers.vasso_step(opt, loss)
                 cos = opt.pop_metrics().get("vasso/adversary_cosine")
                 if cos is not None:
                     cosines.append(round(cos, 6))
@@ -267,7 +277,10 @@ def write_reports(args, records, info, cmd, data_name, n_test, finished):
             writer.writeheader()
             writer.writerows(rows)
     rhos = chosen_rhos(records)
-    pct = lambda m, s: f"{100 * m:.2f} ± {100 * s:.2f}"
+
+    def pct(m, s):
+        return f"{100 * m:.2f} ± {100 * s:.2f}"
+
     lines = [
         "# Generalization under label noise",
         "",
