@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import _common
 
 sys.path.insert(0, _common.REPO)  # the hf_vasso of this checkout, not an installed copy
 

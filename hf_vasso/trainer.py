@@ -220,11 +220,12 @@ class VassoTrainerMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._vasso is not None:
-            reduce = None
-            if self.accelerator.num_processes > 1:
-                reduce = lambda t: self.accelerator.reduce(t, reduction="mean")  # noqa: E731
-            logs.update(self._vasso.pop_metrics(reduce))
+            many = self.accelerator.num_processes > 1
+            logs.update(self._vasso.pop_metrics(self._mean_over_processes if many else None))
         super().log(logs, *args, **kwargs)
+
+    def _mean_over_processes(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="mean")
 
     # ------------------------------------------------------------------ checkpoints
 

