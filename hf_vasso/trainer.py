@@ -359,7 +359,14 @@ def _per_rank_name(rank: int) -> str:
     return f"vasso_state_rank{rank}.pt"
 
 
-class VassoTrainer(VassoTrainerMixin, Trainer):
+class _PeftConfigArgument:
+    """`peft_config=` for trainers whose base lacks it (TRL's have it): `peft.get_peft_model(model, peft_config)`."""
+
+    def __init__(self, model: nn.Module | None = None, *trainer_args: Any, peft_config: Any = None, **kwargs: Any):
+        super().__init__(apply_peft_config(model, peft_config), *trainer_args, **kwargs)
+
+
+class VassoTrainer(_PeftConfigArgument, VassoTrainerMixin, Trainer):
     """A drop-in [`~transformers.Trainer`] whose optimizer steps are VASSO (eVASSO with `adversary_prob < 1`, SAM
     with `theta = 1`); see [`VassoTrainerMixin`] for what differs.
 
@@ -380,18 +387,8 @@ class VassoTrainer(VassoTrainerMixin, Trainer):
         ValueError: as [`VassoTrainerMixin`], or `peft_config` given with a model that is already a `PeftModel`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module | None = None,
-        args: Any = None,
-        *trainer_args: Any,
-        peft_config: Any | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(apply_peft_config(model, peft_config), args, *trainer_args, **kwargs)
 
-
-class VassoSeq2SeqTrainer(VassoTrainerMixin, Seq2SeqTrainer):
+class VassoSeq2SeqTrainer(_PeftConfigArgument, VassoTrainerMixin, Seq2SeqTrainer):
     """[`~transformers.Seq2SeqTrainer`] with VASSO steps: training as [`VassoTrainer`], evaluation and prediction
     (`predict_with_generate`) exactly as `Seq2SeqTrainer`. Use it with a [`VassoSeq2SeqConfig`].
 
@@ -403,13 +400,3 @@ class VassoSeq2SeqTrainer(VassoTrainerMixin, Seq2SeqTrainer):
     Args:
         peft_config (`peft.PeftConfig`, *optional*): as for [`VassoTrainer`].
     """
-
-    def __init__(
-        self,
-        model: nn.Module | None = None,
-        args: Any = None,
-        *trainer_args: Any,
-        peft_config: Any | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(apply_peft_config(model, peft_config), args, *trainer_args, **kwargs)

@@ -657,6 +657,12 @@ class VassoUpdate:
             "segments": [{"params": list(s.indices), "initialized": f} for s, f in zip(self._segments, initialized)],
             "initialized": all(initialized),
             "param_names": self.param_names,
+            **self._hyperparameters(),
+        }
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        """What a resume may change (with a warning): saved with the state, compared when it is loaded."""
+        return {
             "rho": self.rho,
             "theta": self.theta,
             "adversary_prob": self.adversary_prob,
@@ -740,16 +746,7 @@ class VassoUpdate:
         if self.perturbed:
             raise RuntimeError("VASSO state loaded while the weights are perturbed; call restore() first.")
         self.validate_state_dict(state, expected_step)
-        current = {
-            "rho": self.rho,
-            "theta": self.theta,
-            "adversary_prob": self.adversary_prob,
-            "seed": self.seed,
-            "adaptive": self.adaptive,
-            "group_rho": [g.rho for g in self._groups],
-            "group_adaptive": [g.adaptive for g in self._groups],
-        }
-        for key, new in current.items():
+        for key, new in self._hyperparameters().items():
             old = state.get(key)
             if old is not None and old != new:
                 logger.warning(f"VASSO hyperparameter {key} changed at resume: {old} → {new} (the new value is used).")

@@ -2,34 +2,11 @@
 
 import pytest
 import torch
-from datasets import Dataset
-from helpers import make_args, make_data, make_dataset, make_model, weights
+from helpers import make_args, make_data, make_dataset, make_model, tiny_llama, token_dataset, weights
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_vasso import VASSO, VassoTrainer, VassoUpdate
 from hf_vasso.batchnorm import frozen_batchnorm_stats
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config)
-
-
-def token_dataset(n=16, length=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 64, (n, length), generator=g)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
-
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 
