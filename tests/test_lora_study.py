@@ -8,7 +8,7 @@ import os
 import pytest
 from helpers import assert_png, assert_provenance, needs_smollm2, read_csv, run_quick
 
-pytestmark = [pytest.mark.slow, needs_smollm2]
+pytestmark = [pytest.mark.slow, needs_smollm2()]
 
 
 def test_lora_instruction_tuning_quick(tmp_path):

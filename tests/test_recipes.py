@@ -238,7 +238,7 @@ def test_vit_unreachable_hub_names_say_so_and_name_the_default(tmp_path):
 # ---------------------------------------------------------------------------------------------------- LM
 
 
-@needs_smollm2
+@needs_smollm2()
 def test_lm_labels_cover_the_answer_and_its_end_of_turn_only(lm):
     from transformers import AutoTokenizer
 
@@ -261,7 +261,7 @@ def test_lm_labels_cover_the_answer_and_its_end_of_turn_only(lm):
     assert (batch["input_ids"][0, width:] == tokenizer.pad_token_id).all()
 
 
-@needs_smollm2
+@needs_smollm2()
 def test_lm_trains_lora_and_reports_heldout_loss(lm, tiny_lm, tmp_path, capsys):
     out = tmp_path / "lm"
     results = lm.main(tiny_lm + ["--learning_rate", "5e-3", "--max_steps", "4", "--output_dir", str(out)])
@@ -279,7 +279,7 @@ def test_lm_trains_lora_and_reports_heldout_loss(lm, tiny_lm, tmp_path, capsys):
     assert "Held-out loss" in printed and "BEFORE:" in printed and "AFTER:" in printed
 
 
-@needs_smollm2
+@needs_smollm2()
 def test_lm_missing_columns_lists_found_columns_and_flags(lm, tiny_lm, tmp_path):
     import datasets
 
@@ -300,7 +300,7 @@ def test_lm_missing_columns_lists_found_columns_and_flags(lm, tiny_lm, tmp_path)
     assert results["num_train"] == 2 and results["num_eval"] == 2
 
 
-@needs_smollm2
+@needs_smollm2()
 def test_lm_unreachable_model_says_so_and_names_the_default(tmp_path):
     script = os.path.join("recipes", "lm_instruction_tuning.py")
     args = ["--model_name_or_path", "no-such-user/no-such-lm", "--output_dir", str(tmp_path)]
@@ -330,7 +330,7 @@ TINY_SFT = [
 ]
 
 
-@needs_smollm2
+@needs_smollm2()
 def test_sft_trl_trains_lora_and_reports_heldout_loss(sft, tiny_lm, tmp_path, capsys):
     folder = tiny_lm[tiny_lm.index("--model_name_or_path") + 1]
     out = tmp_path / "sft"
@@ -360,7 +360,7 @@ def test_vit_under_accelerate_launch_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-@needs_smollm2
+@needs_smollm2()
 def test_lm_under_accelerate_launch_two_processes(tiny_lm, tmp_path):
     cmd = LAUNCH_TWO_CPU_PROCESSES + [os.path.join("recipes", "lm_instruction_tuning.py")]
     result = run(cmd + tiny_lm + ["--output_dir", str(tmp_path), "--use_cpu", "true"], timeout=300)
@@ -372,7 +372,7 @@ def test_lm_under_accelerate_launch_two_processes(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
-@needs_smollm2
+@needs_smollm2()
 def test_sft_trl_under_accelerate_launch_two_processes(sft, tiny_lm, tmp_path):
     folder = tiny_lm[tiny_lm.index("--model_name_or_path") + 1]
     cmd = LAUNCH_TWO_CPU_PROCESSES + [os.path.join("recipes", "sft_trl.py")]
