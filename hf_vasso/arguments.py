@@ -44,6 +44,14 @@ class VassoArguments:
             ASAM's scale-invariant adversary (Kwon et al., ICML 2021): `ε = ρ·T²d/‖T·d‖` with `T = |w|` elementwise,
             the convention of davda54/sam and pytorch_optimizer, with `d` in place of the gradient.
 
+    Example:
+
+    ```python
+    @dataclass
+    class VassoMyConfig(VassoArguments, MyTrainingArguments):  # MyTrainingArguments' defaults are kept
+        pass
+    ```
+
     Raises:
         ValueError: a hyperparameter out of range (naming it and the fix), DeepSpeed, an optimizer that steps inside
             `backward()` (`optim="lomo"`, `"adalomo"`, `"*_layerwise"`), or `ddp_static_graph` with a no-sync backward.
@@ -163,7 +171,12 @@ class VassoConfig(VassoArguments, TrainingArguments):
 class VassoSeq2SeqConfig(VassoArguments, Seq2SeqTrainingArguments):
     r"""
     Configuration for [`VassoSeq2SeqTrainer`]: every [`~transformers.Seq2SeqTrainingArguments`] field
-    (`predict_with_generate`, `generation_max_length`, ...) plus the VASSO fields of [`VassoArguments`].
+    (`predict_with_generate`, `generation_max_length`, ...) plus the VASSO fields of [`VassoArguments`]
+    (arXiv 2309.15639).
+
+    ```python
+    args = VassoSeq2SeqConfig(output_dir="out", rho=0.05, theta=0.4, predict_with_generate=True)
+    ```
 
     Raises:
         ValueError: as [`VassoArguments`].

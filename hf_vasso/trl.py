@@ -1,4 +1,5 @@
-"""VASSO for TRL's trainers: `VassoSFTTrainer` / `VassoSFTConfig` and `VassoDPOTrainer` / `VassoDPOConfig`.
+"""VASSO (arXiv 2309.15639; eVASSO, arXiv 2509.02433) for TRL's trainers: `VassoSFTTrainer` / `VassoSFTConfig` and
+`VassoDPOTrainer` / `VassoDPOConfig`.
 
 Needs the optional extra `pip install hf_vasso[trl]`; `import hf_vasso` alone never imports trl.
 
@@ -67,7 +68,8 @@ class VassoTRLTrainerMixin(VassoTrainerMixin):
 class VassoSFTConfig(VassoArguments, SFTConfig):
     r"""
     [`trl.SFTConfig`] with the VASSO fields of [`hf_vasso.VassoArguments`] (`rho`, `theta`, `adversary_prob`,
-    `sync_adversary`, `adaptive`). SFT's own defaults (learning rate, gradient checkpointing, ...) are kept.
+    `sync_adversary`, `adaptive`; arXiv 2309.15639). SFT's own defaults (learning rate, gradient checkpointing, ...)
+    are kept: `VassoSFTConfig(output_dir="out", rho=0.05, max_length=512)`.
 
     Raises:
         ValueError: as `VassoArguments`.
@@ -77,7 +79,8 @@ class VassoSFTConfig(VassoArguments, SFTConfig):
 @dataclass
 class VassoDPOConfig(VassoArguments, DPOConfig):
     r"""
-    [`trl.DPOConfig`] with the VASSO fields of [`hf_vasso.VassoArguments`]. DPO's own defaults are kept.
+    [`trl.DPOConfig`] with the VASSO fields of [`hf_vasso.VassoArguments`] (arXiv 2309.15639). DPO's own defaults are
+    kept: `VassoDPOConfig(output_dir="out", rho=0.05, beta=0.1)`.
 
     Raises:
         ValueError: as `VassoArguments`.
