@@ -5,7 +5,7 @@ TRL's trainers are in `hf_vasso.trl` (the optional extra `hf_vasso[trl]`); impor
 
 from .arguments import VassoArguments, VassoConfig, VassoSeq2SeqConfig
 from .optimizer import VASSO
-from .trainer import VassoSeq2SeqTrainer, VassoTrainer, VassoTrainerMixin
+from .trainer import VassoSeq2SeqTrainer, VassoTrainer, VassoTrainerMixin, restored_attributes
 from .update import VassoUpdate
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "VassoTrainer",
     "VassoTrainerMixin",
     "VassoUpdate",
+    "restored_attributes",
 ]
 __version__ = "0.1.0"

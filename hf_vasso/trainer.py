@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,8 +51,8 @@ class VassoTrainerMixin:
     - `floating_point_ops`: counts both passes of an adversary step, so `total_flos` is the work done.
     - `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: also save the VASSO state (`d`, step count,
       hyperparameters) in the checkpoint folder, and check it when loading.
-    - `train`: each run starts with no half-done step; a new optimizer (`model_init`, `hyperparameter_search`) gets
-      a new VASSO state.
+    - every training loop (each `train()`, each `auto_find_batch_size` retry) starts with no half-done step, through
+      a callback; a new optimizer (`model_init`, `hyperparameter_search`) gets a new VASSO state.
 
     `args` may be a [`VassoConfig`], any `TrainingArguments` subclass combined with [`VassoArguments`], or a plain
     `TrainingArguments` (of any subclass), which is copied and given the default VASSO fields with its own type kept.
@@ -172,7 +173,7 @@ class VassoTrainerMixin:
             def perturbed_pass_context(self, model):
                 stack = contextlib.ExitStack()
                 stack.enter_context(super().perturbed_pass_context(model))
-                stack.enter_context(my_counters_restored(self))
+                stack.enter_context(restored_attributes(self, ("my_counter",)))
                 return stack
         """
         return frozen_batchnorm_stats(model)
@@ -276,6 +277,20 @@ class VassoTrainerMixin:
             vasso.load_state_dict(state, expected_step=self.state.global_step)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"The VASSO state file {path} does not fit this run: {error} {fix}") from error
+
+
+@contextlib.contextmanager
+def restored_attributes(obj: Any, names: tuple[str, ...]) -> Iterator[None]:
+    """Inside the block, changes to `obj.<name>` (deep: lists of metrics) are undone on exit, even on error.
+
+    For `perturbed_pass_context`: side effects of `compute_loss` that must count each step once.
+    """
+    saved = {name: copy.deepcopy(getattr(obj, name)) for name in names if hasattr(obj, name)}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
 
 
 class _VassoRunStart(TrainerCallback):

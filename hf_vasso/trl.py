@@ -11,9 +11,7 @@ metric TRL logs is then the clean pass's, exactly what plain TRL logs.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,21 +24,10 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("hf_vasso.trl needs TRL: pip install 'hf_vasso[trl]' (or pip install trl).") from error
 
 from .arguments import VassoArguments
-from .trainer import VassoTrainerMixin
+from .trainer import VassoTrainerMixin, restored_attributes
 
 # What TRL's compute_loss writes on every call; restored after pass 2.
 TRL_PER_CALL_RECORDS = ("_metrics", "_total_train_tokens")
-
-
-@contextlib.contextmanager
-def restored_attributes(obj: Any, names: tuple[str, ...]) -> Iterator[None]:
-    """Inside the block, changes to `obj.<name>` (deep: lists of metrics) are undone on exit, even on error."""
-    saved = {name: copy.deepcopy(getattr(obj, name)) for name in names if hasattr(obj, name)}
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(obj, name, value)
 
 
 class VassoTRLTrainerMixin(VassoTrainerMixin):

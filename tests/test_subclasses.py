@@ -276,7 +276,7 @@ class VassoMyTrainer(VassoTrainerMixin, MyTrainer):
     def perturbed_pass_context(self, model):
         import contextlib
 
-        from hf_vasso.trl import restored_attributes
+        from hf_vasso import restored_attributes
 
         stack = contextlib.ExitStack()
         stack.enter_context(super().perturbed_pass_context(model))
