@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-from .update import check_adaptive, check_hyperparameters, check_seed
+from .rules import refuse_deepspeed, validate_vasso_arguments
 
 
 @dataclass
@@ -95,54 +94,6 @@ class VassoArguments:
         if post_init is not None:
             post_init()
         validate_vasso_arguments(self)
-
-
-def validate_vasso_arguments(args: Any) -> None:
-    """Every rule on the VASSO fields and their combination with the Trainer's: one place, one `ValueError` each."""
-    refuse_deepspeed(getattr(args, "deepspeed", None))
-    # Stored as float whatever real-number type was given (numpy scalars, 0-d tensors): it is saved and logged.
-    args.rho, args.theta, args.adversary_prob = check_hyperparameters(args.rho, args.theta, args.adversary_prob)
-    args.adaptive = check_adaptive(args.adaptive)
-    if hasattr(args, "seed"):
-        args.seed = check_seed(args.seed)
-    refuse_backward_stepping_optimizer(getattr(args, "optim", None))
-    if getattr(args, "ddp_static_graph", False) and (
-        not args.sync_adversary or getattr(args, "gradient_accumulation_steps", 1) > 1
-    ):
-        raise ValueError(
-            "ddp_static_graph=True cannot run with sync_adversary=False or gradient_accumulation_steps > 1: both "
-            "need backward passes without DDP synchronisation, which a static graph forbids. Set "
-            "ddp_static_graph=False (the default)."
-        )
-
-
-def refuse_deepspeed(deepspeed_config: Any) -> None:
-    """DeepSpeed steps the optimizer inside `backward()` and keeps ZeRO gradients out of `p.grad`."""
-    from_env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-    if deepspeed_config or from_env:
-        raise ValueError(
-            "hf_vasso cannot run under DeepSpeed: DeepSpeed steps the optimizer inside backward() and keeps ZeRO "
-            "gradients out of p.grad, so a two-pass step cannot be built on it. Shard with FSDP2 instead "
-            "(`accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml ...` or `fsdp=...` with "
-            "`fsdp_config={'version': 2}`)."
-        )
-
-
-def is_backward_stepping_optimizer(optim: Any) -> bool:
-    """LOMO, AdaLomo and every `*_layerwise` optimizer update the weights from gradient hooks during backward."""
-    name = str(getattr(optim, "value", optim or ""))
-    return "lomo" in name or name.endswith("_layerwise")
-
-
-def refuse_backward_stepping_optimizer(optim: Any) -> None:
-    if is_backward_stepping_optimizer(optim):
-        name = getattr(optim, "value", optim)
-        raise ValueError(
-            f"optim='{name}' cannot run with VASSO: it updates the weights inside backward() and leaves p.grad "
-            "empty, so pass 1 has no gradient to build the adversary from and pass 2 would step the weights while "
-            "they are perturbed. Use an optimizer that steps after backward (adamw_torch, adamw_torch_fused, sgd, "
-            "adafactor, galore_adamw without _layerwise, ...); the README lists what works."
-        )
 
 
 @dataclass

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from .update import VassoUpdate, check_hyperparameters
+from .rules import check_hyperparameters
+from .update import VassoUpdate
 
 
 class VASSO(torch.optim.Optimizer):

@@ -14,8 +14,9 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback, TrainingArgum
 from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.utils import logging
 
-from .arguments import VassoArguments, as_vasso_arguments, refuse_deepspeed
+from .arguments import VassoArguments, as_vasso_arguments
 from .batchnorm import frozen_batchnorm_stats
+from .rules import refuse_generating_trainer, refuse_sparse_gradients, refuse_unsupported_trainer_setup
 from .update import VassoUpdate
 
 logger = logging.get_logger(__name__)
@@ -88,22 +89,7 @@ class VassoTrainerMixin:
         return as_vasso_arguments(args)
 
     def _check_vasso_support(self) -> None:
-        if self.is_deepspeed_enabled:
-            refuse_deepspeed(True)
-        if self.is_fsdp_enabled:
-            if self.accelerator.state.fsdp_plugin.fsdp_version != 2:
-                raise ValueError(
-                    "hf_vasso supports FSDP2 only: FSDP1 exposes flat parameter shards that the adversary cannot be "
-                    "computed on. Set fsdp_config={'version': 2} (the default in transformers 5) or "
-                    "`fsdp_version: 2` in the accelerate config."
-                )
-            if not self.args.sync_adversary:
-                raise ValueError(
-                    "sync_adversary=False cannot run under FSDP: each rank holds only a shard of the weights, so a "
-                    "per-rank adversary does not exist. Use sync_adversary=True."
-                )
-        if self.model is not None:
-            refuse_sparse_gradients(self.model)
+        refuse_unsupported_trainer_setup(self)
 
     @property
     def vasso(self) -> VassoUpdate | None:
@@ -303,50 +289,6 @@ class _VassoRunStart(TrainerCallback):
         self.trainer._pending_micro_batches = []
         if self.trainer._vasso is not None:
             self.trainer._vasso.step = state.global_step
-
-
-# Trainers that sample from the policy inside `training_step` (in `_prepare_inputs`): TRL's online methods.
-GENERATING_TRAINERS = frozenset(
-    {
-        "GRPOTrainer",
-        "AsyncGRPOTrainer",
-        "RLOOTrainer",
-        "OnlineDPOTrainer",
-        "NashMDTrainer",
-        "XPOTrainer",
-        "PPOTrainer",
-        "GKDTrainer",
-        "GOLDTrainer",
-        "DistillationTrainer",
-        "AsyncDistillationTrainer",
-        "IWOPDTrainer",
-        "SDFTTrainer",
-        "SDPOTrainer",
-        "A2POTrainer",
-    }
-)
-
-
-def refuse_generating_trainer(trainer_class: type) -> None:
-    """Pass 2 replays the step's inputs through `training_step`; a trainer that generates there would sample anew."""
-    generating = [c.__name__ for c in trainer_class.__mro__ if c.__name__ in GENERATING_TRAINERS]
-    if generating:
-        raise ValueError(
-            f"{generating[0]} generates completions inside training_step (from the current policy, in "
-            "_prepare_inputs), so VASSO's pass 2 would sample new completions at the perturbed weights instead of "
-            "replaying the step's batch, and the adversary would no longer be computed on one loss. hf_vasso does "
-            "not support online trainers; use it with offline ones (SFT, DPO, reward modelling, Seq2Seq)."
-        )
-
-
-def refuse_sparse_gradients(model: nn.Module) -> None:
-    """Sparse gradients have no foreach kernels and no meaningful global norm with dense d: refuse them early."""
-    for name, module in model.named_modules():
-        if getattr(module, "sparse", False) and any(p.requires_grad for p in module.parameters(recurse=False)):
-            raise ValueError(
-                f"{name or type(module).__name__} ({type(module).__name__}) has sparse=True: VASSO needs dense "
-                "gradients. Build it with sparse=False (and a dense optimizer such as AdamW instead of SparseAdam)."
-            )
 
 
 def apply_peft_config(model: nn.Module | None, peft_config: Any | None) -> nn.Module | None:

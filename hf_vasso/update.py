@@ -24,9 +24,6 @@ whatever the number of tensors (LoRA has hundreds of tiny ones).
 from __future__ import annotations
 
 import logging
-import math
-import numbers
-import operator
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +33,7 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from .adversary import geometry_for
+from .rules import check_adaptive, check_hyperparameters, check_seed
 
 logger = logging.getLogger("hf_vasso")
 
@@ -59,72 +57,6 @@ _WINDOW = (
     "perturbed_nonfinite",  # ... whose pass-2 gradient was not finite
 )
 _W = {name: i for i, name in enumerate(_WINDOW)}
-
-
-# ---------------------------------------------------------------------------------------------- validation
-
-
-def _real(name: str, value: Any, hint: str) -> float:
-    """`value` as a float: any real number (float, int, numpy scalar, Fraction, one-element tensor); never a bool."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
-            raise ValueError(f"{name}={value!r} is invalid: pass a real number, not a tensor of that kind ({hint}).")
-        value = value.item()
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}={value!r} is invalid: {name} must be a real number, not {type(value).__name__} "
-                         f"({hint}).")  # fmt: skip
-    return float(value)
-
-
-def check_hyperparameters(rho: Any, theta: Any, adversary_prob: Any) -> tuple[float, float, float]:
-    """Validate and convert (rho, theta, adversary_prob); shared by `VassoConfig`, `VASSO` and `VassoUpdate`.
-
-    Returns:
-        The three values as Python floats.
-
-    Raises:
-        ValueError: a value is not a real number (booleans included), not finite, or out of its range; the message
-            names the value and the fix.
-    """
-    rho = _real("rho", rho, "the perturbation radius, e.g. 0.05")
-    theta = _real("theta", theta, "the weight of the newest gradient, e.g. 0.4")
-    adversary_prob = _real("adversary_prob", adversary_prob, "the probability of an adversary step, e.g. 1.0")
-    if not (math.isfinite(rho) and rho >= 0):
-        raise ValueError(f"rho={rho!r} is invalid: the perturbation radius must be a finite number >= 0 (try 0.05).")
-    if not (0 < theta <= 1):
-        raise ValueError(
-            f"theta={theta!r} is invalid: the weight of the newest gradient must be in (0, 1] "
-            "(1.0 is SAM; the paper uses 0.4, and 0.2 under heavy label noise)."
-        )
-    if not (0 <= adversary_prob <= 1):
-        raise ValueError(
-            f"adversary_prob={adversary_prob!r} is invalid: the probability of an adversary step must be in [0, 1] "
-            "(1.0 is VASSO, below 1 is eVASSO, 0 is the base optimizer alone)."
-        )
-    return rho, theta, adversary_prob
-
-
-def check_seed(seed: Any) -> int:
-    """The eVASSO seed as an int: any integral type (int, numpy integer, integer 0-d tensor); never a bool.
-
-    Raises:
-        ValueError: `seed` is a bool or not integral (1.7 would silently become 1).
-    """
-    if isinstance(seed, bool) or type(seed).__name__ == "bool_":
-        raise ValueError(f"seed={seed!r} is invalid: the eVASSO seed must be an integer, not a bool (try 42).")
-    try:
-        return operator.index(seed)
-    except TypeError:
-        raise ValueError(
-            f"seed={seed!r} is invalid: the eVASSO seed must be an integer (try 42, the Trainer's default)."
-        ) from None
-
-
-def check_adaptive(adaptive: Any) -> bool:
-    """Raises: ValueError if `adaptive` is not a bool (numpy bools accepted)."""
-    if not (isinstance(adaptive, bool) or type(adaptive).__name__ == "bool_"):
-        raise ValueError(f"adaptive={adaptive!r} is invalid: pass True (ASAM's adversary) or False (VASSO's).")
-    return bool(adaptive)
 
 
 def adversary_coin(seed: int, step: int, adversary_prob: float) -> bool:

@@ -1,0 +1,203 @@
+"""Every rule hf_vasso enforces, in one place: value checks, configuration checks and refusals.
+
+Imported by the config (`arguments.py`), the engine (`update.py`), the wrapper (`optimizer.py`) and the trainer
+(`trainer.py`). Each check raises `ValueError` with the value, the rule, the reason and the fix. The module imports
+only torch, so the engine that uses it knows nothing of the Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+# ------------------------------------------------------------------------------------------------ values
+
+
+def _real(name: str, value: Any, hint: str) -> float:
+    """`value` as a float: any real number (float, int, numpy scalar, Fraction, one-element tensor); never a bool."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name}={value!r} is invalid: pass a real number, not a tensor of that kind ({hint}).")
+        value = value.item()
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={value!r} is invalid: {name} must be a real number, not {type(value).__name__} "
+                         f"({hint}).")  # fmt: skip
+    return float(value)
+
+
+def check_hyperparameters(rho: Any, theta: Any, adversary_prob: Any) -> tuple[float, float, float]:
+    """Validate and convert (rho, theta, adversary_prob); shared by `VassoConfig`, `VASSO` and `VassoUpdate`.
+
+    Returns:
+        The three values as Python floats.
+
+    Raises:
+        ValueError: a value is not a real number (booleans included), not finite, or out of its range; the message
+            names the value and the fix.
+    """
+    rho = _real("rho", rho, "the perturbation radius, e.g. 0.05")
+    theta = _real("theta", theta, "the weight of the newest gradient, e.g. 0.4")
+    adversary_prob = _real("adversary_prob", adversary_prob, "the probability of an adversary step, e.g. 1.0")
+    if not (math.isfinite(rho) and rho >= 0):
+        raise ValueError(f"rho={rho!r} is invalid: the perturbation radius must be a finite number >= 0 (try 0.05).")
+    if not (0 < theta <= 1):
+        raise ValueError(
+            f"theta={theta!r} is invalid: the weight of the newest gradient must be in (0, 1] "
+            "(1.0 is SAM; the paper uses 0.4, and 0.2 under heavy label noise)."
+        )
+    if not (0 <= adversary_prob <= 1):
+        raise ValueError(
+            f"adversary_prob={adversary_prob!r} is invalid: the probability of an adversary step must be in [0, 1] "
+            "(1.0 is VASSO, below 1 is eVASSO, 0 is the base optimizer alone)."
+        )
+    return rho, theta, adversary_prob
+
+
+def check_seed(seed: Any) -> int:
+    """The eVASSO seed as an int: any integral type (int, numpy integer, integer 0-d tensor); never a bool.
+
+    Raises:
+        ValueError: `seed` is a bool or not integral (1.7 would silently become 1).
+    """
+    if isinstance(seed, bool) or type(seed).__name__ == "bool_":
+        raise ValueError(f"seed={seed!r} is invalid: the eVASSO seed must be an integer, not a bool (try 42).")
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise ValueError(
+            f"seed={seed!r} is invalid: the eVASSO seed must be an integer (try 42, the Trainer's default)."
+        ) from None
+
+
+def check_adaptive(adaptive: Any) -> bool:
+    """Raises: ValueError if `adaptive` is not a bool (numpy bools accepted)."""
+    if not (isinstance(adaptive, bool) or type(adaptive).__name__ == "bool_"):
+        raise ValueError(f"adaptive={adaptive!r} is invalid: pass True (ASAM's adversary) or False (VASSO's).")
+    return bool(adaptive)
+
+
+# ---------------------------------------------------------------------------------- the configuration
+
+
+def validate_vasso_arguments(args: Any) -> None:
+    """Every rule on the VASSO fields and their combination with the Trainer's: one place, one `ValueError` each."""
+    refuse_deepspeed(getattr(args, "deepspeed", None))
+    # Stored as float whatever real-number type was given (numpy scalars, 0-d tensors): it is saved and logged.
+    args.rho, args.theta, args.adversary_prob = check_hyperparameters(args.rho, args.theta, args.adversary_prob)
+    args.adaptive = check_adaptive(args.adaptive)
+    if hasattr(args, "seed"):
+        args.seed = check_seed(args.seed)
+    refuse_backward_stepping_optimizer(getattr(args, "optim", None))
+    if getattr(args, "ddp_static_graph", False) and (
+        not args.sync_adversary or getattr(args, "gradient_accumulation_steps", 1) > 1
+    ):
+        raise ValueError(
+            "ddp_static_graph=True cannot run with sync_adversary=False or gradient_accumulation_steps > 1: both "
+            "need backward passes without DDP synchronisation, which a static graph forbids. Set "
+            "ddp_static_graph=False (the default)."
+        )
+
+
+def refuse_deepspeed(deepspeed_config: Any) -> None:
+    """DeepSpeed steps the optimizer inside `backward()` and keeps ZeRO gradients out of `p.grad`."""
+    from_env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    if deepspeed_config or from_env:
+        raise ValueError(
+            "hf_vasso cannot run under DeepSpeed: DeepSpeed steps the optimizer inside backward() and keeps ZeRO "
+            "gradients out of p.grad, so a two-pass step cannot be built on it. Shard with FSDP2 instead "
+            "(`accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml ...` or `fsdp=...` with "
+            "`fsdp_config={'version': 2}`)."
+        )
+
+
+def is_backward_stepping_optimizer(optim: Any) -> bool:
+    """LOMO, AdaLomo and every `*_layerwise` optimizer update the weights from gradient hooks during backward."""
+    name = str(getattr(optim, "value", optim or ""))
+    return "lomo" in name or name.endswith("_layerwise")
+
+
+def refuse_backward_stepping_optimizer(optim: Any) -> None:
+    if is_backward_stepping_optimizer(optim):
+        name = getattr(optim, "value", optim)
+        raise ValueError(
+            f"optim='{name}' cannot run with VASSO: it updates the weights inside backward() and leaves p.grad "
+            "empty, so pass 1 has no gradient to build the adversary from and pass 2 would step the weights while "
+            "they are perturbed. Use an optimizer that steps after backward (adamw_torch, adamw_torch_fused, sgd, "
+            "adafactor, galore_adamw without _layerwise, ...); the README lists what works."
+        )
+
+
+# ----------------------------------------------------------------------------------- the trainer
+
+# Trainers that sample from the policy inside `training_step` (in `_prepare_inputs`): TRL's online methods.
+GENERATING_TRAINERS = frozenset(
+    {
+        "GRPOTrainer",
+        "AsyncGRPOTrainer",
+        "RLOOTrainer",
+        "OnlineDPOTrainer",
+        "NashMDTrainer",
+        "XPOTrainer",
+        "PPOTrainer",
+        "GKDTrainer",
+        "GOLDTrainer",
+        "DistillationTrainer",
+        "AsyncDistillationTrainer",
+        "IWOPDTrainer",
+        "SDFTTrainer",
+        "SDPOTrainer",
+        "A2POTrainer",
+    }
+)
+
+
+def refuse_generating_trainer(trainer_class: type) -> None:
+    """Pass 2 replays the step's inputs through `training_step`; a trainer that generates there would sample anew."""
+    generating = [c.__name__ for c in trainer_class.__mro__ if c.__name__ in GENERATING_TRAINERS]
+    if generating:
+        raise ValueError(
+            f"{generating[0]} generates completions inside training_step (from the current policy, in "
+            "_prepare_inputs), so VASSO's pass 2 would sample new completions at the perturbed weights instead of "
+            "replaying the step's batch, and the adversary would no longer be computed on one loss. hf_vasso does "
+            "not support online trainers; use it with offline ones (SFT, DPO, reward modelling, Seq2Seq)."
+        )
+
+
+def refuse_sparse_gradients(model: nn.Module) -> None:
+    """Sparse gradients have no foreach kernels and no meaningful global norm with dense d: refuse them early."""
+    for name, module in model.named_modules():
+        if getattr(module, "sparse", False) and any(p.requires_grad for p in module.parameters(recurse=False)):
+            raise ValueError(
+                f"{name or type(module).__name__} ({type(module).__name__}) has sparse=True: VASSO needs dense "
+                "gradients. Build it with sparse=False (and a dense optimizer such as AdamW instead of SparseAdam)."
+            )
+
+
+def refuse_unsupported_trainer_setup(trainer: Any) -> None:
+    """The Trainer set-ups a two-pass step cannot run on, checked once the Trainer has built its accelerator.
+
+    Raises:
+        ValueError: DeepSpeed, FSDP1, `sync_adversary=False` under FSDP, or a module with sparse gradients.
+    """
+    if trainer.is_deepspeed_enabled:
+        refuse_deepspeed(True)
+    if trainer.is_fsdp_enabled:
+        if trainer.accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise ValueError(
+                "hf_vasso supports FSDP2 only: FSDP1 exposes flat parameter shards that the adversary cannot be "
+                "computed on. Set fsdp_config={'version': 2} (the default in transformers 5) or "
+                "`fsdp_version: 2` in the accelerate config."
+            )
+        if not trainer.args.sync_adversary:
+            raise ValueError(
+                "sync_adversary=False cannot run under FSDP: each rank holds only a shard of the weights, so a "
+                "per-rank adversary does not exist. Use sync_adversary=True."
+            )
+    if trainer.model is not None:
+        refuse_sparse_gradients(trainer.model)
