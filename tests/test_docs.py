@@ -1,0 +1,480 @@
+"""Every code block of the user docs runs here, one test per block, so a doc that drifts from the code fails CI.
+
+The docs: README.md, recipes/README.md and docs/*.md. Blocks by language:
+
+- `python`: executed as written, in a namespace that supplies the names a block leaves undefined (`model`,
+  `train_ds`, `eval_ds`, `loader`, `loss_fn`, `MyTrainer`, `MyTrainingArguments`) with tiny offline stand-ins.
+  The only substitution: `hf_vasso.VassoConfig` is replaced, for the block, by a subclass that moves `output_dir`
+  under the test's temporary folder and trains 2 steps on CPU with no reporting or saving; the block's text is never
+  changed. Afterwards the test checks what the block built: a trainer trained with VASSO steps, a `VASSO` optimizer
+  took a VASSO step, a trainer or config class defined by the block trains and keeps its base class's defaults.
+  A block that builds none of these fails: extend the checks rather than skip it.
+- `bash`: each command is checked without running long jobs: `pip install` extras exist in pyproject.toml and pins
+  equal `.ci/run`'s, `apt-get install` packages are the ones `.ci/run` installs, recipe flags are accepted by the
+  recipe's own argument parser (also under `accelerate launch` and `torchrun`, whose own flags and config files are
+  checked too), and the test command is `.ci/run`'s. An unknown command fails: extend this file.
+- `text`: a transcript; each labelled line (`PROMPT:`) and the first words of each paragraph must be printed by a
+  recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib
+import os
+import re
+import shlex
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, make_data, make_dataset, vasso_step, weights
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import Trainer, TrainingArguments
+
+import hf_vasso
+from hf_vasso import VASSO, VassoArguments, VassoConfig, VassoTrainerMixin
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = Path(REPO)
+DOC_FILES = ["README.md", "recipes/README.md", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("docs/*.md"))]
+FENCE = re.compile(r"^```(\S*)\s*$")
+
+
+def code_blocks(path: str) -> list[tuple[str, int, str, str]]:
+    """(file, line of the opening fence, language, text) for each fenced block of a markdown file."""
+    found, lang, start, lines = [], None, 0, []
+    for number, line in enumerate((ROOT / path).read_text().splitlines(), 1):
+        fence = FENCE.match(line)
+        if lang is None and fence:
+            lang, start, lines = fence.group(1), number, []
+        elif lang is not None and line.rstrip() == "```":
+            found.append((path, start, lang, "\n".join(lines) + "\n"))
+            lang = None
+        elif lang is not None:
+            lines.append(line)
+    assert lang is None, f"{path}: the block opened at line {start} is never closed"
+    return found
+
+
+BLOCKS = [block for path in DOC_FILES for block in code_blocks(path)]
+IDS = [f"{path}:{line}" for path, line, _, _ in BLOCKS]
+
+
+def test_the_docs_have_blocks_of_each_kind():
+    """The sentinel for the parametrised tests below: they would pass vacuously on an empty list."""
+    langs = {(path, lang) for path, _, lang, _ in BLOCKS}
+    assert {("README.md", "python"), ("README.md", "bash"), ("recipes/README.md", "bash")} <= langs
+    assert len(BLOCKS) >= 15
+
+
+# ---------------------------------------------------------------------------------------------------- python blocks
+
+
+class DocModel(nn.Module):
+    """A regressor with a `backbone` and a `head`: `model(x)` gives predictions (plain loops), and
+    `model(x=..., labels=...)` a dict with `loss` (the Trainer's convention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(6, 16), nn.Tanh())
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x, labels=None):
+        out = self.head(self.backbone(x)).squeeze(-1)
+        if labels is None:
+            return out
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+@dataclasses.dataclass
+class MyTrainingArguments(TrainingArguments):
+    """A user's arguments class: one field of its own and one default of its own."""
+
+    my_field: int = 7
+    learning_rate: float = 0.0123
+
+
+class MyTrainer(Trainer):
+    """A user's trainer whose `compute_loss` has a side effect that must count each step once."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.my_counter = getattr(self, "my_counter", 0) + 1
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+TINY = dict(
+    max_steps=2,
+    per_device_train_batch_size=8,
+    use_cpu=True,
+    report_to=[],
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+)
+
+
+def tiny_config_class(base: type, tmp_path: Path) -> type:
+    """`base` with `output_dir` under `tmp_path` and the tiny run of `TINY`, whatever the block passes."""
+
+    @dataclasses.dataclass
+    class Tiny(base):
+        def __post_init__(self) -> None:
+            self.output_dir = str(tmp_path / os.path.basename(str(self.output_dir or "out")))
+            for name, value in TINY.items():
+                setattr(self, name, value)
+            super().__post_init__()
+
+    Tiny.__name__ = Tiny.__qualname__ = base.__name__
+    return Tiny
+
+
+@pytest.fixture
+def namespace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hf_vasso, "VassoConfig", tiny_config_class(VassoConfig, tmp_path))
+    x, y = make_data(32)
+    return {
+        "model": DocModel(),
+        "train_ds": make_dataset(32),
+        "eval_ds": make_dataset(8, seed=2),
+        "loader": DataLoader(TensorDataset(x, y), batch_size=8),
+        "loss_fn": nn.functional.mse_loss,
+        "MyTrainer": MyTrainer,
+        "MyTrainingArguments": MyTrainingArguments,
+    }
+
+
+def check_trained_trainer(trainer) -> str:
+    assert isinstance(trainer, VassoTrainerMixin), f"{type(trainer).__name__} is not a VASSO trainer"
+    assert trainer.state.global_step == TINY["max_steps"], "the block's trainer did not train"
+    assert trainer.vasso is not None and trainer.vasso.step == trainer.state.global_step
+    return f"trainer {type(trainer).__name__} trained"
+
+
+def check_optimizer(optimizer: VASSO, model: nn.Module) -> str:
+    if optimizer.vasso.step == 0:  # built, not stepped: take one VASSO step with it
+        x, y = make_data(32)
+        before = weights(model)
+        vasso_step(optimizer, lambda: nn.functional.mse_loss(model(x), y))
+        assert any(not torch.equal(v, weights(model)[k]) for k, v in before.items()), "the step moved nothing"
+    assert optimizer.vasso.step >= 1
+    assert optimizer.vasso.d and any(d is not None for d in optimizer.vasso.d)
+    return "VASSO optimizer stepped"
+
+
+def check_trainer_class(cls: type, config_class: type, tmp_path: Path) -> str:
+    args = config_class(output_dir=str(tmp_path / f"{cls.__name__}-run"), **TINY)
+    trainer = cls(model=DocModel(), args=args, train_dataset=make_dataset(32))
+    trainer.train()
+    check_trained_trainer(trainer)
+    if issubclass(cls, MyTrainer) and "perturbed_pass_context" in cls.__dict__:
+        # The hook's promise: the side effect counts each step once, as in the plain trainer (one call per step).
+        assert trainer.my_counter == TINY["max_steps"], f"compute_loss side effect counted {trainer.my_counter}"
+    return f"class {cls.__name__} trains"
+
+
+def check_config_class(cls: type, tmp_path: Path) -> str:
+    """The config the block defines holds every value its non-VASSO base class would, plus the VASSO defaults."""
+    base = next(b for b in cls.__mro__[1:] if b is not VassoArguments and dataclasses.is_dataclass(b))
+    mine, theirs = cls(output_dir=str(tmp_path / "c")), base(output_dir=str(tmp_path / "c"))
+    differ = [f.name for f in dataclasses.fields(base) if getattr(mine, f.name) != getattr(theirs, f.name)]
+    assert not differ, f"{cls.__name__} lost {base.__name__}'s values of {differ}"
+    assert mine.rho == VassoArguments.rho
+    return f"config {cls.__name__} keeps {base.__name__}'s defaults"
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in BLOCKS if b[2] == "python"], ids=[i for i, b in zip(IDS, BLOCKS) if b[2] == "python"]
+)
+def test_python_block_runs(block, namespace, tmp_path):
+    path, line, _, text = block
+    supplied = dict(namespace)
+    namespace["__name__"] = "doc_block"  # the module of the classes the block defines
+    exec(compile(text, f"{path}:{line}", "exec"), namespace)
+    built = {k: v for k, v in namespace.items() if k != "__builtins__" and supplied.get(k) is not v}
+    # Classes the block defines (not those it imports), and the objects it builds.
+    built = {k: v for k, v in built.items() if not isinstance(v, type) or v.__module__ == "doc_block"}
+    checked = []
+    for value in built.values():
+        if isinstance(value, Trainer):
+            checked.append(check_trained_trainer(value))
+        elif isinstance(value, VASSO):
+            checked.append(check_optimizer(value, namespace["model"]))
+    config_classes = [v for v in built.values() if isinstance(v, type) and issubclass(v, VassoArguments)]
+    for value in built.values():
+        if isinstance(value, type) and issubclass(value, VassoTrainerMixin):
+            config_class = config_classes[0] if config_classes else hf_vasso.VassoConfig
+            checked.append(check_trainer_class(value, config_class, tmp_path))
+    for cls in config_classes:
+        checked.append(check_config_class(cls, tmp_path))
+    assert checked, f"{path}:{line} built nothing this test knows how to check: extend tests/test_docs.py"
+
+
+# ------------------------------------------------------------------------------------------------------ bash blocks
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+CI = (ROOT / ".ci" / "run").read_text()
+
+
+def commands(text: str) -> list[list[str]]:
+    """The commands of a bash block: continuations joined, comments dropped, `&&` chains split."""
+    joined = re.sub(r"\\\n", " ", text)
+    found = []
+    for line in joined.splitlines():
+        words = shlex.split(line, comments=True)
+        while words:
+            cut = words.index("&&") if "&&" in words else len(words)
+            found.append(words[:cut])
+            words = words[cut + 1 :]
+    return [c for c in found if c]
+
+
+def ci_commands() -> list[list[str]]:
+    """`.ci/run`'s commands, `python3` written `python` as in the docs."""
+    lines = [line for line in CI.splitlines() if not line.startswith(("if ", "fi", "set ", "cd ", "export "))]
+    return [["python" if w == "python3" else w for w in c] for c in commands("\n".join(lines))]
+
+
+def pip_requirements(args: list[str]) -> list[str]:
+    return [a for a in args if not a.startswith("-")]
+
+
+IMPORT_MODULE = importlib.import_module  # compare.py's import, patched below per test
+
+
+class Parsed(Exception):
+    """Raised by the patched argument parser once a recipe's flags have parsed: nothing else runs."""
+
+
+def check_recipe_flags(script: str, argv: list[str], monkeypatch) -> str:
+    assert (ROOT / script).is_file(), f"{script} does not exist"
+    assert script.startswith("recipes/") and script.endswith(".py"), f"not a recipe: {script}"
+    module = IMPORT_MODULE(Path(script).stem)
+    # transformers' HfArgumentParser and TRL's own copy of it (TrlParser's base): every parser class that builds the
+    # dataclasses, so the config's own checks (`VassoConfig.__post_init__`) run on the flags too.
+    for parser_class in _subclasses(argparse.ArgumentParser):
+        parse = parser_class.__dict__.get("parse_args_into_dataclasses")
+        if parse is not None and not hasattr(parse, "stops"):
+            monkeypatch.setattr(parser_class, "parse_args_into_dataclasses", _parse_then_stop(parse))
+    # A parser this test missed must not start a training run.
+    monkeypatch.setattr(Trainer, "train", lambda *a, **k: pytest.fail(f"{script} started training"))
+    try:
+        module.main(list(argv))
+    except SystemExit as exit_:  # argparse's way of refusing a flag
+        pytest.fail(f"{script} refused {argv}: exit {exit_.code}")
+    except Parsed:
+        return f"{script} accepts {argv}"
+    pytest.fail(f"{script} {argv}: the recipe returned without parsing its flags")
+
+
+def _parse_then_stop(parse):
+    def parse_then_stop(self, *args, **kwargs):
+        raise Parsed(parse(self, *args, **kwargs))
+
+    parse_then_stop.stops = True
+    return parse_then_stop
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls] + [s for sub in cls.__subclasses__() for s in _subclasses(sub)]
+
+
+def check_command(words: list[str], monkeypatch) -> str:
+    program, args = words[0], words[1:]
+    if program == "sudo":
+        return check_command(args, monkeypatch)
+    if program == "pip" and args[0] == "install":
+        for req in pip_requirements(args[1:]):
+            if req.startswith("."):
+                extras = re.fullmatch(r"\.(?:\[(.*)\])?", req).group(1)
+                for extra in filter(None, (extras or "").split(",")):
+                    assert extra in PYPROJECT["project"]["optional-dependencies"], f"no extra [{extra}]"
+            else:
+                pins = {r for c in ci_commands() if c[:4] == ["python", "-m", "pip", "install"] for r in c[4:]}
+                assert req in pins, f"{req}: .ci/run pins {sorted(p for p in pins if '==' in p)}"
+        return "pip install"
+    if program == "apt-get" and args[0] == "install":
+        for package in pip_requirements(args[1:]):
+            assert f"apt-get install -y -q {package}" in CI, f"{package} is not what .ci/run installs"
+        return "apt-get install"
+    if program == "python" and args[:2] == ["-m", "pytest"]:
+        assert words in ci_commands(), f"{' '.join(words)} is not .ci/run's test command"
+        return "the CI test command"
+    if program == "python" and args[0] == "recipes/compare.py":
+        return check_compare(args[1:], monkeypatch)
+    if program == "python":
+        return check_recipe_flags(args[0], args[1:], monkeypatch)
+    if program == "accelerate" and args[0] == "launch":
+        from accelerate.commands.config.config_args import load_config_from_file
+        from accelerate.commands.launch import launch_command_parser
+
+        launch = launch_command_parser().parse_args(args[1:])
+        if launch.config_file:
+            assert (ROOT / launch.config_file).is_file(), f"{launch.config_file} does not exist"
+            load_config_from_file(str(ROOT / launch.config_file))
+        return check_recipe_flags(launch.training_script, launch.training_script_args, monkeypatch)
+    if program == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        run = get_args_parser().parse_args(args)
+        return check_recipe_flags(run.training_script, run.training_script_args, monkeypatch)
+    pytest.fail(f"no check for `{' '.join(words)}`: extend tests/test_docs.py")
+
+
+def check_compare(argv: list[str], monkeypatch) -> str:
+    """`compare.py`'s own flags, then the recipe flags it passes on (its first run stops after parsing them)."""
+    import compare
+
+    def recipe_that_only_parses(name):
+        return _ParsingRecipe(IMPORT_MODULE(name), monkeypatch)
+
+    monkeypatch.setattr(compare.importlib, "import_module", recipe_that_only_parses)
+    try:
+        compare.main(list(argv))
+    except SystemExit as exit_:
+        pytest.fail(f"compare.py refused {argv}: exit {exit_.code}")
+    except Parsed:
+        return f"compare.py accepts {argv}"
+    pytest.fail(f"compare.py {argv}: no recipe flags were parsed")
+
+
+class _ParsingRecipe:
+    """A recipe module whose `main` parses its flags with the recipe's own parser and stops."""
+
+    def __init__(self, module, monkeypatch) -> None:
+        self.module, self.monkeypatch = module, monkeypatch
+
+    def main(self, argv):
+        script = f"recipes/{self.module.__name__}.py"
+        check_recipe_flags(script, argv, self.monkeypatch)
+        raise Parsed(argv)
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in BLOCKS if b[2] == "bash"], ids=[i for i, b in zip(IDS, BLOCKS) if b[2] == "bash"]
+)
+def test_bash_block_commands_hold(block, monkeypatch, tmp_path):
+    path, line, _, text = block
+    monkeypatch.chdir(tmp_path)  # a recipe that parsed its flags must not leave files in the checkout
+    found = commands(text)
+    assert found, f"{path}:{line}: no command"
+    for words in found:
+        check_command(words, monkeypatch)
+
+
+def test_readme_test_section_is_what_ci_installs_and_runs():
+    """The README gives CI's installs and test command; what CI adds beyond them is stated in the text."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Running the tests", 1)[1].split("\n## ", 1)[0]
+    block = code_blocks_of(section)
+    doc = [["python" if w == "python3" else w for w in c] for c in commands(block)]
+    doc = [[w for w in c if w != "-q" or c[:3] == ["python", "-m", "pytest"]] for c in doc]
+    ci = [c for c in ci_commands() if "install" in c or "pytest" in c]
+    ci_norm = []
+    for c in ci:
+        if c[:3] == ["python", "-m", "pip"]:
+            c = ["pip", *[w for w in c[3:] if w != "-q"]]
+        if c[0] == "HF_VASSO_FORCE_DIGITS=1":
+            continue
+        ci_norm.append(c)
+    apt = [c for c in ci_norm if c[0] == "apt-get"]
+    assert apt and all("dataset-fashion-mnist" in c for c in apt)
+    assert [c for c in ci_norm if c[0] != "apt-get"] == doc
+    for added in ("dataset-fashion-mnist", "ruff check .", "ruff format --check .", "HF_VASSO_FORCE_DIGITS=1"):
+        assert added in section and added in CI, added
+
+
+def code_blocks_of(markdown: str) -> str:
+    blocks = re.findall(r"^```bash\n(.*?)^```$", markdown, flags=re.S | re.M)
+    assert len(blocks) == 1, "the test section has one bash block"
+    return blocks[0]
+
+
+# ------------------------------------------------------------------------------------------------------ text blocks
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in BLOCKS if b[2] == "text"], ids=[i for i, b in zip(IDS, BLOCKS) if b[2] == "text"]
+)
+def test_text_block_is_what_a_recipe_prints(block):
+    path, line, _, text = block
+    sources = "\n".join(p.read_text() for p in (ROOT / "recipes").glob("*.py"))
+    checked = 0
+    for paragraph in re.split(r"\n\s*\n", text.strip()):
+        lines = paragraph.splitlines()
+        labels = [m.group(0) for m in (re.match(r"[A-Z][A-Z-]+:\s+", s) for s in lines) if m]
+        for label in labels:
+            assert label in sources, f"{path}:{line}: no recipe prints {label!r}"
+            checked += 1
+        if not labels:
+            opening = " ".join(lines[0].split()[:2])
+            assert opening in sources, f"{path}:{line}: no recipe prints {opening!r}"
+            checked += 1
+    assert checked
+
+
+def test_every_block_has_a_known_language():
+    unknown = [f"{i} ({b[2] or 'no language'})" for i, b in zip(IDS, BLOCKS) if b[2] not in ("python", "bash", "text")]
+    assert not unknown, f"blocks this test cannot run: {unknown}"
+
+
+# ------------------------------------------------------------------------------------------------------------ links
+
+
+@pytest.mark.parametrize("path", DOC_FILES)
+def test_relative_links_resolve(path):
+    text = (ROOT / path).read_text()
+    targets = [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t)]
+    assert targets or path.startswith("docs/"), f"{path} links nothing"
+    for target in targets:
+        file = target.split("#", 1)[0]
+        assert (ROOT / Path(path).parent / file).exists(), f"{path} links to {target}, which does not exist"
+
+
+# -------------------------------------------------------------------------------------------------------- packaging
+
+
+def test_py_typed_ships_in_the_package():
+    """The modules are annotated: `py.typed` tells type checkers so (PEP 561), and the wheel must carry it."""
+    assert (ROOT / "hf_vasso" / "py.typed").is_file()
+    assert "py.typed" in PYPROJECT["tool"]["setuptools"]["package-data"]["hf_vasso"]
+
+
+def test_wheel_carries_py_typed_and_metadata(tmp_path):
+    """Build the wheel from a copy of the package (the checkout stays clean) and read what pip would install."""
+    import shutil
+    import subprocess
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "hf_vasso", src / "hf_vasso", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."]
+    subprocess.run(cmd, cwd=src, check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("hf_vasso-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "hf_vasso/py.typed" in names
+    for field in ("Author:", "Keywords:", "Classifier: Typing :: Typed", "License-Expression: MIT", "Project-URL:"):
+        assert field in metadata or field.replace("Author:", "Author-email:") in metadata, field
+
+
+def test_sdist_manifest_ships_what_the_tests_import():
+    """The sdist ships `tests/`, so it must ship what they import: the helpers and the folders on pytest's path."""
+    manifest = (ROOT / "MANIFEST.in").read_text().split()
+    for folder in PYPROJECT["tool"]["pytest"]["ini_options"]["pythonpath"]:
+        assert folder in manifest, f"MANIFEST.in does not ship {folder}/, which the tests import from"
+    assert ast.parse((ROOT / "tests" / "helpers.py").read_text())  # the file the test modules import
