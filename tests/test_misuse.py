@@ -183,7 +183,7 @@ def test_callback_list_and_event_flow_equal_the_plain_trainers(tmp_path, adversa
 
 def test_train_again_after_a_failed_train_starts_clean(tmp_path):
     """An exception between the micro-batches of a step, then `train()` again: no micro-batch of the aborted step
-    reaches the new run, whose eVASSO coins and step count start from its own step 0."""
+    reaches the new run (each step's pass 2 replays exactly its two micro-batches), whose step count starts at 0."""
 
     class FailOnce(TrainerCallback):
         fired = False
@@ -193,7 +193,7 @@ def test_train_again_after_a_failed_train_starts_clean(tmp_path):
                 self.fired = True
                 raise RuntimeError("a transient failure")
 
-    overrides = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=4, adversary_prob=0.5)
+    overrides = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=4)
     trainer = VassoTrainer(make_model(), make_args(tmp_path, **overrides), train_dataset=make_dataset(64))
     trainer.add_callback(FailOnce())
     with pytest.raises(RuntimeError, match="transient"):
