@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-from .rules import refuse_deepspeed, validate_vasso_arguments
+from .rules import refuse_deepspeed, refuse_mixin_after_base, validate_vasso_arguments
 
 
 @dataclass
@@ -86,6 +86,12 @@ class VassoArguments:
         metadata={"help": "ASAM's scale-invariant adversary eps = rho * |w|^2 d / || |w| d || (Kwon et al., 2021)."},
     )
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        refuse_mixin_after_base(
+            cls, VassoArguments, TrainingArguments, f"class {cls.__name__}(VassoArguments, TrainingArguments)"
+        )
+
     def __post_init__(self) -> None:
         # Before TrainingArguments.__post_init__, which would otherwise fail on a missing deepspeed install with a
         # message about the install rather than about the real problem.
@@ -143,14 +149,27 @@ _UPGRADED: dict[type, type] = {TrainingArguments: VassoConfig, Seq2SeqTrainingAr
 def vasso_arguments_class(base: type) -> type:
     """`dataclass(VassoArguments, base)`, built once per base class, that pickles by reference to `base`."""
     if base not in _UPGRADED:
-        namespace = {"__module__": __name__, "__reduce__": _reduce_upgraded, "__doc__": base.__doc__}
+        namespace = {
+            "__module__": __name__,
+            "__reduce_ex__": _reduce_upgraded,
+            "__doc__": base.__doc__,
+            "_vasso_generated_from": base,
+        }
         _UPGRADED[base] = dataclass(type(f"Vasso{base.__name__}", (VassoArguments, base), namespace))
     return _UPGRADED[base]
 
 
-def _reduce_upgraded(self: Any) -> tuple:
-    base = type(self).__mro__[2]  # (the upgraded class, VassoArguments, base, ...)
-    return _rebuild_upgraded, (base, self.__dict__.copy())
+def register_vasso_arguments_class(base: type, vasso_class: type) -> None:
+    """Upgrade arguments of class `base` to the ready class `vasso_class` (e.g. TRL's `SFTConfig` to
+    `VassoSFTConfig`) instead of building a second class of the same name."""
+    _UPGRADED[base] = vasso_class
+
+
+def _reduce_upgraded(self: Any, protocol: int) -> tuple:
+    generated = type(self).__dict__.get("_vasso_generated_from")
+    if generated is None:  # a user's subclass of a generated class: importable by its own name
+        return object.__reduce_ex__(self, protocol)
+    return _rebuild_upgraded, (generated, self.__dict__.copy())
 
 
 def _rebuild_upgraded(base: type, state: dict[str, Any]) -> Any:
@@ -160,19 +179,36 @@ def _rebuild_upgraded(base: type, state: dict[str, Any]) -> Any:
 
 
 def as_vasso_arguments(args: Any) -> Any:
-    """`args` itself if it has the VASSO fields, else a copy of it that does, with their defaults.
+    """`args` itself if it has the VASSO fields, else a copy of it that does.
 
     The copy keeps the class of `args` (it is an instance of a subclass of it) and every field, so callbacks and
-    trainers that read their own fields keep working; `args` is not changed and its `__post_init__` is not re-run.
+    trainers that read their own fields keep working; `args` is not changed (list and dict fields are copied too)
+    and its `__post_init__` is not re-run. A VASSO field that the class of `args` already defines (a user's own
+    `rho`) keeps its value, which must then pass the VASSO rules; the others take their defaults.
 
     Raises:
-        ValueError: `args` asks for something VASSO cannot run with (see `VassoArguments`).
+        ValueError: `args` asks for something VASSO cannot run with (see `VassoArguments`), or a field of the same
+            name as a VASSO field holds a value VASSO cannot take.
     """
     if isinstance(args, VassoArguments):
         return args
     upgraded = copy.copy(args)
+    for name, value in vars(upgraded).items():
+        if isinstance(value, (list, dict, set)):
+            setattr(upgraded, name, copy.deepcopy(value))
+    own = {f.name for f in dataclasses.fields(args)}
     upgraded.__class__ = vasso_arguments_class(type(args))
     for f in dataclasses.fields(VassoArguments):
-        setattr(upgraded, f.name, f.default)
-    validate_vasso_arguments(upgraded)
+        if f.name not in own:
+            setattr(upgraded, f.name, f.default)
+    try:
+        validate_vasso_arguments(upgraded)
+    except ValueError as error:
+        clash = sorted(own & {f.name for f in dataclasses.fields(VassoArguments)})
+        if not clash:
+            raise
+        raise ValueError(
+            f"{error} ({type(args).__name__} defines its own {', '.join(clash)}, which VASSO reads as its "
+            "hyperparameters: give them VASSO values, or rename your fields.)"
+        ) from error
     return upgraded

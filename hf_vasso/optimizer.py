@@ -5,12 +5,20 @@ Paper: arXiv 2309.15639 (VASSO, NeurIPS 2023) and arXiv 2509.02433 (the extended
 
 from __future__ import annotations
 
+import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .rules import check_hyperparameters
+from .rules import (
+    check_hyperparameters,
+    refuse_accelerate_accumulation,
+    refuse_pass1_onto_pass2_gradient,
+    refuse_step_without_first_step,
+    refuse_wrapped_vasso,
+)
 from .update import VassoUpdate
 
 
@@ -20,11 +28,12 @@ class VASSO(torch.optim.Optimizer):
     `param_groups` and `state` are the base optimizer's own, so LR schedulers, `zero_grad` and checkpoints keep
     working; `state_dict()` is the base optimizer's with the VASSO state (d, step count) under the key `"vasso"`.
 
-    Plain loop (same API as davda54/sam)::
+    Plain loop (davda54/sam's API; its constructor `VASSO(model.parameters(), torch.optim.AdamW, rho=0.05,
+    lr=1e-3)` builds the same optimizer as the form below)::
 
         optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=1e-3), rho=0.05, theta=0.4)
         loss_fn(model(x), y).backward()
-        optimizer.first_step(zero_grad=True)     # d <- EMA(g), x <- x + eps
+        optimizer.first_step(zero_grad=True)     # d <- EMA(g), x <- x + eps, gradients cleared
         loss_fn(model(x), y).backward()          # gradient at the perturbed weights
         optimizer.second_step(zero_grad=True)    # x restored exactly, base step
 
@@ -50,8 +59,15 @@ class VASSO(torch.optim.Optimizer):
     pass-2 gradient is replaced by zeros before the base step (momentum and weight decay still act), or, with a
     `grad_scaler`, left for the scaler to skip the step. Both are decided on the device and counted in the metrics.
 
+    Gradient accumulation: run pass 1 over all K micro-batches of the step (each loss divided by K), call
+    `first_step` once, run pass 2 over the same K micro-batches, then `second_step`: one batch of K·b. Do not call
+    `first_step` inside `accelerator.accumulate()` (refused: it would perturb once per micro-batch).
+
     Args:
-        base_optimizer (`torch.optim.Optimizer`): the optimizer that takes the step (AdamW, SGD, ...).
+        params (iterable of tensors or param-group dicts, or `torch.optim.Optimizer`): the parameters for
+            `base_optimizer` (davda54/sam's form), or the base optimizer itself, already built (AdamW, SGD, ...).
+        base_optimizer (`type`, *optional*): the base optimizer's class, with `params` (davda54/sam's form); its
+            keyword arguments (`lr`, `momentum`, ...) are the extra keyword arguments of `VASSO`.
         rho (`float`): perturbation radius, >= 0 (groups without their own "rho").
         theta (`float`): weight of the newest gradient in d, in (0, 1]; 1.0 is SAM.
         adversary_prob (`float`): probability of an adversary step, in [0, 1]; below 1 is eVASSO.
@@ -59,26 +75,28 @@ class VASSO(torch.optim.Optimizer):
         adaptive (`bool`): ASAM's adversary `rho·|w|²d/‖|w|·d‖` (groups without their own "adaptive").
 
     Raises:
-        TypeError: `base_optimizer` is not an optimizer instance.
-        ValueError: a hyperparameter is invalid, nothing requires a gradient, or the base optimizer is
-            `torch.optim.SparseAdam` (sparse gradients).
+        TypeError: no base optimizer (neither an instance nor a class with its parameters), or keyword arguments
+            for an optimizer that is already built.
+        ValueError: a hyperparameter is invalid, nothing requires a gradient, the base optimizer is
+            `torch.optim.SparseAdam` (sparse gradients) or already a `VASSO`; and, at step time, `step()` without a
+            closure and without `first_step()` since the last step (e.g. inside `transformers.Trainer`), or a
+            pass-1 gradient accumulated onto the previous pass-2 gradient (see `first_step`).
     """
 
     def __init__(
         self,
-        base_optimizer: torch.optim.Optimizer,
+        params: Any = None,
+        base_optimizer: Any = None,
         *,
         rho: float = 0.05,
         theta: float = 0.4,
         adversary_prob: float = 1.0,
         seed: int = 42,
         adaptive: bool = False,
+        **base_kwargs: Any,
     ) -> None:
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer instance, got {type(base_optimizer).__name__}: "
-                "build it first, e.g. VASSO(torch.optim.AdamW(model.parameters()), rho=0.05)."
-            )
+        base_optimizer = _base_optimizer(params, base_optimizer, base_kwargs)
+        refuse_wrapped_vasso(base_optimizer)
         if isinstance(base_optimizer, torch.optim.SparseAdam):
             raise ValueError(
                 "VASSO cannot wrap torch.optim.SparseAdam: it works on sparse gradients, and VASSO's norm and EMA "
@@ -97,6 +115,10 @@ class VASSO(torch.optim.Optimizer):
         super().__init__([p for g in groups for p in g["params"]], dict(base_optimizer.defaults))
         self._share_base_state()
         self._grad_scale: torch.Tensor | None = None
+        # Host-side bookkeeping of the call order (no device sync): whether first_step ran since the last base step,
+        # and the pass-2 gradient tensors with their in-place version counters, until the gradients are zeroed.
+        self._first_step_done = False
+        self._pass2_grads: list[tuple[torch.Tensor, weakref.ref, int]] = []
 
     def _share_base_state(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -108,25 +130,53 @@ class VASSO(torch.optim.Optimizer):
         """Fold the current (pass-1) gradient into d and, on an adversary step, perturb the weights.
 
         Returns whether the weights were perturbed (False only on eVASSO's skipped steps, which keep the gradient for
-        the base step). `grad_scaler`: the GradScaler that scaled the backward pass, if any (fp16).
+        the base step). `grad_scaler`: the GradScaler that scaled the backward pass, if any (fp16). On an adversary
+        step the gradients are cleared whatever `zero_grad` says (pass 2 must start from zero); the argument is
+        davda54/sam's.
+
+        Raises:
+            ValueError: called inside `accelerator.accumulate()` on a micro-batch that does not end the step, or
+                the gradient holds this pass-1 gradient added onto the last step's pass-2 gradient (not zeroed).
         """
+        if _accelerate_is_accumulating():
+            refuse_accelerate_accumulation()
+        if any(p.grad is not None and p.grad is ref() and p.grad._version != v for p, ref, v in self._pass2_grads):
+            refuse_pass1_onto_pass2_gradient()
+        self._pass2_grads = []
         adversary = self.vasso.is_adversary_step()
         # Kept for the pass-2 guard: with a scaler, a non-finite pass-2 gradient is the scaler's to skip.
         self._grad_scale = grad_scaler._scale if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.vasso.absorb_gradient(self._grad_scale)
+        self._first_step_done = True
         if not adversary:
             return False
-        self.vasso.perturb()  # also clears the gradients: pass 2 must start from zero
-        if zero_grad:
-            self.zero_grad()
+        # The engine clears the gradients whatever `zero_grad` says: pass 2 must start from zero, since a pass-2
+        # gradient added onto the pass-1 one would be neither. `zero_grad` is kept for davda54/sam's signature.
+        self.vasso.perturb()
         return True
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put back the weights saved by `first_step`, bit for bit, and keep a non-finite pass-2 gradient from the
         base step (zeros without a scaler; the scaler's skip with one). A no-op when the weights are not perturbed."""
+        self._restore_and_guard()
+
+    def _restore_and_guard(self) -> None:
+        if self.vasso.perturbed:
+            # Remembered until zero_grad() (weakly: a freed gradient must not stay alive for this): the next
+            # first_step refuses a pass-1 gradient added in place onto these.
+            self._pass2_grads = [
+                (p, weakref.ref(p.grad), p.grad._version)
+                for g in self.param_groups
+                for p in g["params"]
+                if p.grad is not None
+            ]
         self.vasso.restore()
         self.vasso.guard_perturbed_gradient(self._grad_scale)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._pass2_grads = []
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -142,7 +192,10 @@ class VASSO(torch.optim.Optimizer):
         the whole VASSO step. Returns the closure's loss, or None when eVASSO skipped pass 2.
         """
         if closure is None:
+            if not self._first_step_done:
+                refuse_step_without_first_step()
             self.restore()
+            self._first_step_done = False
             return self.base_optimizer.step()
         loss = None
         if self.first_step(zero_grad=True):
@@ -150,10 +203,10 @@ class VASSO(torch.optim.Optimizer):
                 with torch.enable_grad():
                     loss = closure()
             finally:
-                self.vasso.restore()
-            self.vasso.guard_perturbed_gradient(self._grad_scale)
+                self._restore_and_guard()
             if isinstance(loss, torch.Tensor):
                 self.vasso.record_losses(None, loss)  # the pass-2 loss only: no sharpness without the clean one
+        self._first_step_done = False
         self.base_optimizer.step()
         return loss
 
@@ -192,3 +245,38 @@ class VASSO(torch.optim.Optimizer):
             f"VASSO(rho={v.rho}, theta={v.theta}, adversary_prob={v.adversary_prob}, adaptive={v.adaptive}, "
             f"base_optimizer={self.base_optimizer!r})"
         )
+
+
+def _base_optimizer(params: Any, base_optimizer: Any, base_kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    """The base optimizer from either constructor: `VASSO(optimizer_instance, ...)` or davda54/sam's
+    `VASSO(params, optimizer_class, **optimizer_kwargs)`."""
+    if isinstance(params, torch.optim.Optimizer) and base_optimizer is None:
+        instance = params
+    elif params is None and isinstance(base_optimizer, torch.optim.Optimizer):
+        instance = base_optimizer
+    elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer) and params is not None:
+        return base_optimizer(params, **base_kwargs)
+    else:
+        given = f"{type(params).__name__}" + ("" if base_optimizer is None else f", {base_optimizer!r}")
+        raise TypeError(
+            f"VASSO needs a base optimizer: got ({given}). The base optimizer must be a torch.optim.Optimizer "
+            "instance, VASSO(torch.optim.AdamW(model.parameters(), lr=1e-3), rho=0.05), or a class with its "
+            "parameters and keyword arguments (davda54/sam's form), VASSO(model.parameters(), torch.optim.AdamW, "
+            "rho=0.05, lr=1e-3)."
+        )
+    if base_kwargs:
+        raise TypeError(
+            f"VASSO got keyword arguments {sorted(base_kwargs)} for an optimizer that is already built: they are "
+            "only taken in davda54/sam's form, VASSO(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)."
+        )
+    return instance
+
+
+def _accelerate_is_accumulating() -> bool:
+    """Inside `accelerator.accumulate()` on a micro-batch that does not end the optimizer step (a host flag)."""
+    state = sys.modules.get("accelerate.state")
+    if state is None:
+        return False
+    shared = state.GradientState._shared_state
+    plugin = shared.get("plugin_kwargs") or {}
+    return not shared.get("sync_gradients", True) and plugin.get("num_steps", 1) > 1

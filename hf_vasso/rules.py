@@ -165,7 +165,9 @@ def refuse_generating_trainer(trainer_class: type) -> None:
             f"{generating[0]} generates completions inside training_step (from the current policy, in "
             "_prepare_inputs), so VASSO's pass 2 would sample new completions at the perturbed weights instead of "
             "replaying the step's batch, and the adversary would no longer be computed on one loss. hf_vasso does "
-            "not support online trainers; use it with offline ones (SFT, DPO, reward modelling, Seq2Seq)."
+            "not support online trainers. Offline trainers work: hf_vasso.VassoTrainer, VassoSeq2SeqTrainer, "
+            "hf_vasso.trl.VassoSFTTrainer and VassoDPOTrainer, or `class VassoX(VassoTrainerMixin, X)` for another "
+            "offline trainer X (TRL's RewardTrainer, KTOTrainer, ...)."
         )
 
 
@@ -201,3 +203,78 @@ def refuse_unsupported_trainer_setup(trainer: Any) -> None:
             )
     if trainer.model is not None:
         refuse_sparse_gradients(trainer.model)
+
+
+def refuse_mixin_after_base(cls: type, mixin: type, base: type, example: str) -> None:
+    """At class creation: `mixin` must come before `base` in `cls`'s bases, since `base` never calls `super()` for
+    the methods the mixin overrides (`Trainer.training_step`, `TrainingArguments.__post_init__`).
+
+    Raises:
+        TypeError: `base` precedes `mixin` in `cls.__mro__` (as Python raises for a bad class definition).
+    """
+    mro = cls.__mro__
+    if base in mro and mixin in mro and mro.index(base) < mro.index(mixin):
+        raise TypeError(
+            f"class {cls.__name__} puts {mixin.__name__} after {base.__name__} in its bases: {base.__name__}'s "
+            f"methods do not call super(), so {mixin.__name__} would never run and the class would silently behave "
+            f"as a plain {base.__name__}. Put the mixin first: {example}."
+        )
+
+
+def refuse_vasso_optimizer_in_trainer(optimizer: Any, optimizer_cls: Any) -> None:
+    """VassoTrainer runs the VASSO step itself: a `VASSO` wrapper as its optimizer would run a second one."""
+    from .optimizer import VASSO
+
+    if isinstance(optimizer, VASSO) or (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, VASSO)):
+        raise ValueError(
+            "VassoTrainer was given the VASSO wrapper as its optimizer (optimizers=(VASSO(...), ...) or "
+            "optimizer_cls_and_kwargs=(VASSO, ...)): VassoTrainer already runs the VASSO step, and the wrapper would "
+            "run a second adversary inside it. Pass the base optimizer (e.g. optimizers=(torch.optim.AdamW(...), "
+            "None)) and the VASSO hyperparameters in the arguments (VassoConfig(rho=..., theta=...))."
+        )
+
+
+def refuse_step_without_first_step() -> None:
+    """`VASSO.step()` without a closure after no `first_step()`: a plain base step would pass for VASSO."""
+    raise ValueError(
+        "VASSO.step() was called without a closure and without first_step() since the last step, so it would take a "
+        "plain base-optimizer step with no adversary. If you handed VASSO to transformers.Trainer "
+        "(Trainer(optimizers=(VASSO(...), None))) or to code written for a one-pass optimizer, use "
+        "hf_vasso.VassoTrainer with the base optimizer instead. In your own loop, call first_step() after the "
+        "pass-1 backward and second_step() after the pass-2 backward, or pass a closure: step(closure)."
+    )
+
+
+def refuse_pass1_onto_pass2_gradient() -> None:
+    """`first_step()` found the pass-1 gradient accumulated onto the previous step's pass-2 gradient."""
+    raise ValueError(
+        "VASSO.first_step() found the pass-1 gradient added onto the previous step's pass-2 gradient (the "
+        "gradients were not zeroed after the last step, e.g. inside accelerator.accumulate(), whose zero_grad() is "
+        "a no-op between micro-batches). Zero the gradients after each step (second_step(zero_grad=True) or "
+        "optimizer.zero_grad()). To accumulate K micro-batches, run pass 1 over all K, call first_step() once, run "
+        "pass 2 over the same K, then second_step(): the README's accumulation recipe, without "
+        "accelerator.accumulate()."
+    )
+
+
+def refuse_accelerate_accumulation() -> None:
+    """`first_step()` inside `accelerator.accumulate()` on a micro-batch that does not end the optimizer step."""
+    raise ValueError(
+        "VASSO.first_step() was called inside accelerator.accumulate() on a micro-batch that does not end the "
+        "optimizer step: the adversary would be built from one micro-batch's gradient, once per micro-batch, and "
+        "pass 2's gradient would be added into the next micro-batch's pass 1. Accumulate by hand instead: run pass "
+        "1 over all K micro-batches (loss / K, accelerator.no_sync(model) on all but the last), call first_step() "
+        "once, run pass 2 over the same K micro-batches, then restore() and the optimizer step (the README's "
+        "accumulation recipe)."
+    )
+
+
+def refuse_wrapped_vasso(base_optimizer: Any) -> None:
+    """VASSO over VASSO would perturb twice and step the innermost base optimizer through two wrappers."""
+    from .optimizer import VASSO
+
+    if isinstance(base_optimizer, VASSO):
+        raise ValueError(
+            "VASSO was given a VASSO optimizer as its base: the weights would be perturbed twice per step. Wrap the "
+            "base optimizer once: VASSO(torch.optim.AdamW(model.parameters()), rho=..., theta=...)."
+        )

@@ -4,24 +4,38 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import inspect
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer, TrainerCallback, TrainingArguments
+from transformers import Seq2SeqTrainer, Trainer, TrainingArguments
 from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.utils import logging
 
 from .arguments import VassoArguments, as_vasso_arguments
 from .batchnorm import frozen_batchnorm_stats
-from .rules import refuse_generating_trainer, refuse_sparse_gradients, refuse_unsupported_trainer_setup
+from .rules import (
+    refuse_generating_trainer,
+    refuse_mixin_after_base,
+    refuse_sparse_gradients,
+    refuse_unsupported_trainer_setup,
+    refuse_vasso_optimizer_in_trainer,
+)
 from .update import VassoUpdate
 
 logger = logging.get_logger(__name__)
 
 VASSO_STATE_NAME = "vasso_state.pt"
+
+# What trainers' `compute_loss` records on every call, restored after pass 2 so that each step counts once: TRL's
+# metric buffers and token count (SFT, DPO, Reward, KTO, TPO: `_metrics`, `_total_train_tokens`; CPO, ORPO:
+# `_stored_metrics`). Attributes a trainer lacks are skipped.
+PER_CALL_RECORDS = ("_metrics", "_total_train_tokens", "_stored_metrics")
 
 
 class VassoTrainerMixin:
@@ -46,25 +60,40 @@ class VassoTrainerMixin:
 
     - `training_step`: keeps the step's micro-batches (shallow copies, type kept) and runs the VASSO step on the last
       one. It returns the clean (pass-1) loss, so the logged `loss` is the loss at the real weights.
-    - `perturbed_pass_context`: the hook around pass 2. It freezes BatchNorm statistics; extend it to silence other
-      side effects of `compute_loss` (token counters, metric buffers) that must count each step once.
+    - `perturbed_pass_context`: the hook around pass 2. It freezes BatchNorm statistics and puts back the per-call
+      metric records of TRL's trainers (`PER_CALL_RECORDS`), so the mixin works on TRL's offline trainers as it is
+      (`class VassoRewardTrainer(VassoTrainerMixin, RewardTrainer)`); extend it for other side effects of
+      `compute_loss` (token counters, metric buffers) that must count each step once.
     - `log`: adds the `vasso/*` metrics, averaged over the logging window (the only host sync they cost).
     - `floating_point_ops`: counts both passes of an adversary step, so `total_flos` is the work done.
     - `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: also save the VASSO state (`d`, step count,
-      hyperparameters) in the checkpoint folder, and check it when loading.
-    - every training loop (each `train()`, each `auto_find_batch_size` retry) starts with no half-done step, through
-      a callback; a new optimizer (`model_init`, `hyperparameter_search`) gets a new VASSO state.
+      hyperparameters, a checksum) in the checkpoint folder, written atomically, and check it when loading.
+    - `_save_checkpoint` / `_maybe_log_save_evaluate`: a save requested in the middle of a step (transformers' JIT
+      checkpoint on SIGTERM saves from `on_pre_optimizer_step`, after pass 1 folded the step's gradient into `d`)
+      is written at the end of that step, so every checkpoint resumes exactly.
+    - `_inner_training_loop`: every training loop (each `train()`, each `auto_find_batch_size` retry) starts with no
+      half-done step; a new optimizer (`model_init`, `hyperparameter_search`) gets a new VASSO state. The callback
+      list is the base trainer's.
 
     `args` may be a [`VassoConfig`], any `TrainingArguments` subclass combined with [`VassoArguments`], or a plain
     `TrainingArguments` (of any subclass), which is copied and given the default VASSO fields with its own type kept.
 
     Raises:
+        TypeError: at class creation, a subclass that puts the mixin after `Trainer` in its bases.
         ValueError: DeepSpeed, FSDP1, `sync_adversary=False` under FSDP, an optimizer that steps inside backward,
-            sparse gradients, or a bad hyperparameter (each message names the fix).
+            sparse gradients, the `VASSO` wrapper as the optimizer, or a bad hyperparameter (each message names the
+            fix).
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        refuse_mixin_after_base(cls, VassoTrainerMixin, Trainer, f"class {cls.__name__}(VassoTrainerMixin, Trainer)")
 
     def __init__(self, *trainer_args: Any, **kwargs: Any) -> None:
         refuse_generating_trainer(type(self))
+        refuse_vasso_optimizer_in_trainer(
+            (kwargs.get("optimizers") or (None,))[0], (kwargs.get("optimizer_cls_and_kwargs") or (None,))[0]
+        )
         # The arguments are not always the second parameter (DPOTrainer takes `ref_model` there, a user's trainer
         # may take `*args`): find them by type among the positional ones, or by name.
         trainer_args = list(trainer_args)
@@ -82,7 +111,7 @@ class VassoTrainerMixin:
         self._vasso: VassoUpdate | None = None
         self._vasso_optimizer: torch.optim.Optimizer | None = None
         self._pending_micro_batches: list[tuple[Any, Any, torch.Tensor]] = []
-        self.add_callback(_VassoRunStart(self))
+        self._vasso_deferred_save = False
 
     def _vasso_arguments(self, args: Any) -> Any:
         """The arguments with the VASSO fields: `args` itself, or an upgraded copy (see `as_vasso_arguments`)."""
@@ -100,6 +129,12 @@ class VassoTrainerMixin:
         return self._vasso
 
     # ------------------------------------------------------------------ the step
+
+    def _inner_training_loop(self, *args: Any, **kwargs: Any) -> Any:
+        # Every loop (each train(), each auto_find_batch_size retry) starts with no half-done step.
+        self._pending_micro_batches = []
+        self._vasso_deferred_save = False
+        return super()._inner_training_loop(*args, **kwargs)
 
     def training_step(
         self, model: nn.Module, inputs: Any, num_items_in_batch: torch.Tensor | int | None = None
@@ -123,7 +158,8 @@ class VassoTrainerMixin:
         micro_batches = self._pending_micro_batches + [(kept, num_items_in_batch, None)]
         self._pending_micro_batches = []
         vasso = self._vasso_update()
-        adversary = vasso.is_adversary_step(self.state.global_step)
+        vasso.step = self.state.global_step  # an aborted step (exception, restarted loop) may have counted one
+        adversary = vasso.is_adversary_step()
 
         # Pass 1, last micro-batch. It all-reduces the step's gradient unless each rank keeps its own adversary;
         # a step without adversary always syncs, since the base optimizer steps with this gradient.
@@ -153,7 +189,8 @@ class VassoTrainerMixin:
     def perturbed_pass_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """The context pass 2 runs in (the forward and backward passes at `x + ε`, all micro-batches of the step).
 
-        The base version freezes BatchNorm running statistics, so they see each step once. A subclass whose
+        The base version freezes BatchNorm running statistics and restores the trainer's `PER_CALL_RECORDS` (TRL's
+        metric buffers and token count), so they see each step once. A subclass whose
         `compute_loss` has side effects that must count each step once (token counters, metric buffers) extends it::
 
             def perturbed_pass_context(self, model):
@@ -162,7 +199,10 @@ class VassoTrainerMixin:
                 stack.enter_context(restored_attributes(self, ("my_counter",)))
                 return stack
         """
-        return frozen_batchnorm_stats(model)
+        stack = contextlib.ExitStack()
+        stack.enter_context(frozen_batchnorm_stats(model))
+        stack.enter_context(restored_attributes(self, PER_CALL_RECORDS))
+        return stack
 
     def _vasso_update(self) -> VassoUpdate:
         """The VASSO state of the current optimizer: built on first use, and anew whenever the optimizer is new."""
@@ -220,6 +260,32 @@ class VassoTrainerMixin:
         # Under per-rank adversaries or sharded parameters every rank holds different d.
         return not self.args.sync_adversary or self.is_fsdp_enabled
 
+    def _vasso_mid_step(self) -> bool:
+        """Pass 1 of the current step already folded its gradient into d, but the step has not ended."""
+        return self._vasso is not None and self._vasso.step != self.state.global_step
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        if not self._vasso_mid_step():
+            return super()._save_checkpoint(model, trial)
+        # A save from inside a step (transformers' JIT checkpoint saves from on_pre_optimizer_step): d already holds
+        # this step's gradient, while the weights, the optimizer and the step count are the last step's, and a
+        # checkpoint of that mix cannot resume exactly. The step finishes (its optimizer step is in progress) and
+        # is saved at its end by _maybe_log_save_evaluate, as a complete checkpoint of the next step number.
+        self._vasso_deferred_save = True
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        _remove_placeholder_folder(folder)
+        logger.warning(
+            f"A checkpoint was requested in the middle of step {self.state.global_step + 1}, after VASSO folded that "
+            f"step's gradient into d: it is written when the step ends, as checkpoint-{self.state.global_step + 1}, "
+            "so that it resumes exactly."
+        )
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        if self._vasso_deferred_save:
+            self._vasso_deferred_save = False
+            self.control.should_save = True
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self._vasso is None:
@@ -231,7 +297,9 @@ class VassoTrainerMixin:
         else:
             return
         os.makedirs(output_dir, exist_ok=True)
-        torch.save(self._vasso.state_dict(), path)
+        state = self._vasso.state_dict()
+        state["checksum"] = state_checksum(state)
+        save_atomically(state, path)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -259,6 +327,15 @@ class VassoTrainerMixin:
             raise ValueError(
                 f"The VASSO state file {path} cannot be read ({type(error).__name__}: {error}). {fix}"
             ) from error
+        if isinstance(state, dict) and "checksum" in state:
+            saved = state.pop("checksum")
+            if saved != state_checksum(state):
+                raise ValueError(
+                    f"The VASSO state file {path} is damaged: the checksum of its contents does not match the one "
+                    f"written with it (the file changed on disk after it was saved). {fix}"
+                )
+        elif isinstance(state, dict):
+            logger.warning(f"{path} has no checksum (written by an older hf_vasso): it is loaded unchecked.")
         try:
             vasso.load_state_dict(state, expected_step=self.state.global_step)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
@@ -267,7 +344,8 @@ class VassoTrainerMixin:
 
 @contextlib.contextmanager
 def restored_attributes(obj: Any, names: tuple[str, ...]) -> Iterator[None]:
-    """Inside the block, changes to `obj.<name>` (deep: lists of metrics) are undone on exit, even on error.
+    """Inside the block, changes to `obj.<name>` (deep: lists of metrics) are undone on exit, even on error; an
+    attribute the block creates is removed again.
 
     For `perturbed_pass_context`: side effects of `compute_loss` that must count each step once.
     """
@@ -275,25 +353,16 @@ def restored_attributes(obj: Any, names: tuple[str, ...]) -> Iterator[None]:
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(obj, name, value)
-
-
-class _VassoRunStart(TrainerCallback):
-    """At the start of every training loop (each `train()`, each `auto_find_batch_size` retry)."""
-
-    def __init__(self, trainer: VassoTrainerMixin) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._pending_micro_batches = []
-        if self.trainer._vasso is not None:
-            self.trainer._vasso.step = state.global_step
+        for name in names:
+            if name in saved:
+                setattr(obj, name, saved[name])
+            elif hasattr(obj, name):
+                delattr(obj, name)
 
 
 def apply_peft_config(model: nn.Module | None, peft_config: Any | None) -> nn.Module | None:
     """`peft.get_peft_model(model, peft_config)`, as TRL's trainers accept `peft_config=`."""
-    if peft_config is None:
+    if peft_config is None or model is None:  # no model: `model_init` applies it (see _PeftConfigArgument)
         return model
     from peft import PeftModel, get_peft_model
 
@@ -303,6 +372,55 @@ def apply_peft_config(model: nn.Module | None, peft_config: Any | None) -> nn.Mo
             "the PeftModel alone."
         )
     return get_peft_model(model, peft_config)
+
+
+def state_checksum(state: dict[str, Any]) -> str:
+    """SHA-256 of a VASSO state: the bytes of every tensor in `d` (in order) and the other entries' text.
+
+    torch does not check the CRCs of its zip records on load, so a flipped byte in `d` would load silently.
+    """
+    digest = hashlib.sha256()
+    for t in state.get("d") or []:
+        if t is None:
+            digest.update(b"none")
+        else:
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    rest = {k: v for k, v in state.items() if k not in ("d", "checksum")}
+    digest.update(repr(sorted(rest.items())).encode())
+    return digest.hexdigest()
+
+
+def save_atomically(obj: Any, path: str) -> None:
+    """`torch.save` to a temporary name in the same folder, then an atomic rename: `path` is either the old file or
+    the complete new one, never half a file.
+
+    Raises:
+        OSError: the write failed; the message names `path` and the cause (e.g. no space left on the device).
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except Exception as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            free = shutil.disk_usage(folder).free
+            cause = f"{free} bytes free on the device of {folder}" + (": no space left" if free < (1 << 20) else "")
+        except OSError:
+            cause = "the free space could not be read"
+        raise OSError(
+            f"Could not write the VASSO state file {path} ({type(error).__name__}: {error}; {cause}). Nothing was "
+            "written under that name. Free space (or choose another output_dir) and save again."
+        ) from error
+
+
+def _remove_placeholder_folder(folder: str) -> None:
+    """Remove `folder` if it holds nothing but transformers' JIT "checkpoint-is-incomplete.txt" marker."""
+    if os.path.isdir(folder) and set(os.listdir(folder)) <= {"checkpoint-is-incomplete.txt"}:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _unwrap_optimizer(optimizer: Any) -> Any:
@@ -317,10 +435,21 @@ def _per_rank_name(rank: int) -> str:
 
 
 class _PeftConfigArgument:
-    """`peft_config=` for trainers whose base lacks it (TRL's have it): `peft.get_peft_model(model, peft_config)`."""
+    """`peft_config=` for trainers whose base lacks it (TRL's have it): `peft.get_peft_model(model, peft_config)`,
+    applied to `model`, or to every model `model_init` builds (`hyperparameter_search` over a LoRA model)."""
 
     def __init__(self, model: nn.Module | None = None, *trainer_args: Any, peft_config: Any = None, **kwargs: Any):
+        if peft_config is not None and kwargs.get("model_init") is not None:
+            kwargs["model_init"] = _peft_model_init(kwargs["model_init"], peft_config)
         super().__init__(apply_peft_config(model, peft_config), *trainer_args, **kwargs)
+
+
+def _peft_model_init(model_init: Any, peft_config: Any) -> Any:
+    """`model_init` followed by `get_peft_model`, with the same arity (the Trainer passes the trial to a one-argument
+    `model_init` only)."""
+    if len(inspect.signature(model_init).parameters) == 0:
+        return lambda: apply_peft_config(model_init(), copy.deepcopy(peft_config))
+    return lambda trial: apply_peft_config(model_init(trial), copy.deepcopy(peft_config))
 
 
 class VassoTrainer(_PeftConfigArgument, VassoTrainerMixin, Trainer):

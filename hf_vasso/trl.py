@@ -4,18 +4,18 @@
 Needs the optional extra `pip install hf_vasso[trl]`; `import hf_vasso` alone never imports trl.
 
 TRL's `compute_loss` records metrics on every call (`num_tokens`, `mean_token_accuracy`, `entropy`, the DPO rewards):
-pass 2 runs it again at the perturbed weights, so the pass-2 hook puts those records back as pass 1 left them. Every
-metric TRL logs is then the clean pass's, exactly what plain TRL logs.
+pass 2 runs it again at the perturbed weights, so the pass-2 hook of `VassoTrainerMixin` puts those records back as
+pass 1 left them. Every metric TRL logs is then the clean pass's, exactly what plain TRL logs. The same holds for
+TRL's other offline trainers through the generic mixin, `class VassoRewardTrainer(VassoTrainerMixin, RewardTrainer)`
+(`RewardTrainer`, `KTOTrainer`, and the experimental `CPOTrainer`, `ORPOTrainer`, `TPOTrainer`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
 from transformers import TrainingArguments
 
 try:
@@ -23,32 +23,23 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("hf_vasso.trl needs TRL: pip install 'hf_vasso[trl]' (or pip install trl).") from error
 
-from .arguments import VassoArguments
-from .trainer import VassoTrainerMixin, restored_attributes
-
-# What TRL's compute_loss writes on every call; restored after pass 2.
-TRL_PER_CALL_RECORDS = ("_metrics", "_total_train_tokens")
+from .arguments import VassoArguments, register_vasso_arguments_class
+from .trainer import VassoTrainerMixin
 
 
 class VassoTRLTrainerMixin(VassoTrainerMixin):
-    """`VassoTrainerMixin` whose pass-2 hook also restores TRL's per-call metric records."""
+    """`VassoTrainerMixin` that turns any other `TrainingArguments` into the trainer's own VASSO config class, as
+    TRL's trainers turn them into their config class."""
 
     trl_config_class: type
     vasso_config_class: type
 
     def _vasso_arguments(self, args: Any) -> Any:
-        # TRL turns any other `TrainingArguments` into its own config class: do the same, with the VASSO fields kept.
         if isinstance(args, TrainingArguments) and not isinstance(args, self.trl_config_class):
             names = {f.name for f in dataclasses.fields(self.vasso_config_class) if f.init}
             values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name in names}
             args = self.vasso_config_class(**values)
         return super()._vasso_arguments(args)
-
-    def perturbed_pass_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        stack = contextlib.ExitStack()
-        stack.enter_context(super().perturbed_pass_context(model))
-        stack.enter_context(restored_attributes(self, TRL_PER_CALL_RECORDS))
-        return stack
 
 
 @dataclass
@@ -104,3 +95,8 @@ class VassoDPOTrainer(VassoTRLTrainerMixin, DPOTrainer):
 
     trl_config_class = DPOConfig
     vasso_config_class = VassoDPOConfig
+
+
+# An `SFTConfig` handed to `VassoSFTTrainer` becomes a `VassoSFTConfig` (not a second class of that name).
+register_vasso_arguments_class(SFTConfig, VassoSFTConfig)
+register_vasso_arguments_class(DPOConfig, VassoDPOConfig)

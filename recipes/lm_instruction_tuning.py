@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     # LoRA starts with B = 0, so the wrapped model is still the base model here.
     before = trainer.evaluate(metric_key_prefix="heldout")["heldout_loss"]
     answers_before = generate(trainer.model, tokenizer, prompts, script_args.max_new_tokens)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=embedded_data.checkpoint_to_resume(training_args))
     after = trainer.evaluate(metric_key_prefix="heldout")["heldout_loss"]
     answers_after = generate(trainer.model, tokenizer, prompts, script_args.max_new_tokens)
     trainer.save_model()  # the adapter only (adapter_model.safetensors), and the tokenizer

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     before = trainer.evaluate(metric_key_prefix="heldout")["heldout_loss"]
     generations_before = generate(trainer.model, tokenizer, prompts, 32)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=embedded_data.checkpoint_to_resume(training_args))
     after = trainer.evaluate(metric_key_prefix="heldout")["heldout_loss"]
     generations_after = generate(trainer.model, tokenizer, prompts, 32)
     trainer.save_model()

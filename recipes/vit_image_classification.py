@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
         compute_metrics=lambda p: accuracy.compute(predictions=np.argmax(p[0], axis=-1), references=p[1]),
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=embedded_data.checkpoint_to_resume(training_args))
     metrics = trainer.evaluate(metric_key_prefix="test")
     if training_args.save_strategy != "no" or training_args.push_to_hub:
         trainer.save_model()

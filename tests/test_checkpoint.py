@@ -7,9 +7,11 @@ import shutil
 import pytest
 import torch
 from helpers import make_args, make_data, make_dataset, make_model, weights
+from transformers import TrainerCallback
+from transformers.trainer_jit_checkpoint import JITCheckpointCallback
 
 from hf_vasso import VASSO, VassoTrainer
-from hf_vasso.trainer import VASSO_STATE_NAME
+from hf_vasso.trainer import VASSO_STATE_NAME, state_checksum
 
 
 def run(output_dir, resume=None, **overrides):
@@ -94,7 +96,14 @@ def damage(checkpoint, how: str) -> None:
         if first is None:  # d keyed by parameter
             first = next(iter(state["d"].values()))
         first.view(-1)[0] = float("nan")
+        state["checksum"] = state_checksum(state)  # a well-formed file of a run that diverged
         torch.save(state, path)
+    elif how == "flipped_byte":  # one byte of d changed on disk: torch loads it without a word
+        state = torch.load(path, weights_only=True)
+        raw = path.read_bytes()
+        d_bytes = state["d"][0].numpy().tobytes()
+        at = raw.index(d_bytes) + len(d_bytes) // 2
+        path.write_bytes(raw[:at] + bytes([raw[at] ^ 0x10]) + raw[at + 1 :])
 
 
 @pytest.mark.parametrize(
@@ -105,6 +114,7 @@ def damage(checkpoint, how: str) -> None:
         ("optimizer_file", "does not fit this run"),
         ("from_a_later_checkpoint", "step"),
         ("nan_in_d", "finite"),
+        ("flipped_byte", "damaged: the checksum of its contents does not match"),
     ],
 )
 def test_damaged_or_foreign_state_is_refused_with_the_file_and_the_fix(tmp_path, how, says):
@@ -156,3 +166,72 @@ def test_wrapper_refuses_state_without_vasso():
     optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="no 'vasso' entry"):
         optimizer.load_state_dict(optimizer.base_optimizer.state_dict())
+
+
+# ---------------------------------------------------------------- a checkpoint written at any point of a step
+
+
+class RequestJITCheckpoint(TrainerCallback):
+    """Raise transformers' JIT checkpoint request at `hook` of step `at_step`, as the SIGTERM timer does."""
+
+    def __init__(self, trainer, hook: str, at_step: int) -> None:
+        self.manager = next(c for c in trainer.callback_handler.callbacks if isinstance(c, JITCheckpointCallback))
+        self.hook, self.at_step, self.fired = hook, at_step, False
+        setattr(self, hook, self._request)
+
+    def _request(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step and not self.fired:
+            self.fired = True
+            self.manager.jit_manager.is_checkpoint_requested = True
+
+
+@pytest.mark.parametrize(
+    "hook, saved",
+    [
+        ("on_substep_end", "checkpoint-6"),  # between micro-batches: the save comes at on_pre_optimizer_step
+        ("on_optimizer_step", "checkpoint-6"),  # after the base step: the save comes at on_step_end
+    ],
+)
+def test_jit_checkpoint_requested_during_a_step_resumes_bit_exact(tmp_path, hook, saved):
+    """A SIGTERM during step 6 with `enable_jit_checkpoint=True`: the checkpoint it leaves resumes exactly."""
+    batch = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, adversary_prob=0.5, max_steps=8)
+    full = VassoTrainer(make_model(), make_args(tmp_path / "full", **batch), train_dataset=make_dataset(n=64))
+    full.train()
+
+    jit = make_args(tmp_path / "cut", enable_jit_checkpoint=True, **batch)
+    cut = VassoTrainer(make_model(), jit, train_dataset=make_dataset(n=64))
+    request = RequestJITCheckpoint(cut, hook, at_step=5)
+    cut.add_callback(request)
+    cut.train()
+    assert request.fired and cut.state.global_step == 6  # stopped after the step the signal came in
+    assert sorted(os.listdir(tmp_path / "cut")) == [saved]  # no half checkpoint beside it
+
+    resumed = VassoTrainer(make_model(), make_args(tmp_path / "resumed", **batch), train_dataset=make_dataset(n=64))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / saved))
+    for name, value in weights(full.model).items():
+        assert torch.equal(value, weights(resumed.model)[name]), name
+    assert all(torch.equal(a, b) for a, b in zip(resumed.vasso.d, full.vasso.d))
+
+
+# ---------------------------------------------------------------- the state file is never half written
+
+
+def test_failed_state_write_leaves_no_file_and_names_the_cause(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        if "vasso_state" not in str(f):
+            return real_save(obj, f, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
+    with pytest.raises(OSError) as error:
+        run(tmp_path)
+    message = str(error.value)
+    checkpoint = tmp_path / "checkpoint-4"
+    assert str(checkpoint / VASSO_STATE_NAME) in message and "unexpected pos" in message
+    assert "no space left" in message and "Free space" in message
+    assert not [n for n in os.listdir(checkpoint) if n.startswith(VASSO_STATE_NAME)]  # neither the file nor a temp

@@ -123,8 +123,38 @@ def test_vit_trains_and_reports(vit, tmp_path, capsys):
 def test_vit_adamw_setting_is_one_pass(vit, tmp_path):
     results = vit.main(TINY_VIT + ["--rho", "0", "--adversary_prob", "0", "--output_dir", str(tmp_path)])
     train_logs = [log for log in results["log_history"] if "loss" in log]
+    assert len(train_logs) == 2
     assert all(log["vasso/adversary_fraction"] == 0.0 for log in train_logs)
     assert not any("vasso/perturbed_loss" in log for log in train_logs)
+
+
+@pytest.mark.data
+def test_vit_resumes_from_the_newest_complete_checkpoint(vit, tmp_path, force_digits, caplog):
+    """Like transformers' example scripts: a re-run into an existing output_dir resumes (and says from where),
+    skipping a newer checkpoint whose save was interrupted; `--resume_from_checkpoint` is passed on."""
+    saving = ["--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(tmp_path)]
+    first = vit.main(TINY_VIT + saving)
+    assert first["global_steps"] == 2
+    interrupted = tmp_path / "checkpoint-3"  # a save cut short: the folder, no trainer_state.json
+    interrupted.mkdir()
+    (interrupted / "model.safetensors").write_bytes(b"half")
+    longer = [a if a != "2" else "4" for a in TINY_VIT]  # --max_steps 4
+    kept = (tmp_path / "checkpoint-1" / "trainer_state.json").stat().st_mtime_ns
+    with caplog.at_level("WARNING"):
+        resumed = vit.main(longer + saving)
+    assert f"Skipping {interrupted}: it has no trainer_state.json" in caplog.text
+    assert f"resuming from {tmp_path / 'checkpoint-2'}, the newest complete one" in caplog.text
+    assert resumed["global_steps"] == 4 and (tmp_path / "checkpoint-4" / "trainer_state.json").is_file()
+    assert (tmp_path / "checkpoint-1" / "trainer_state.json").stat().st_mtime_ns == kept  # not trained again
+
+    other = tmp_path / "other"
+    explicit = vit.main(
+        longer
+        + saving[:4]
+        + ["--output_dir", str(other)]
+        + ["--resume_from_checkpoint", str(tmp_path / "checkpoint-4")]
+    )
+    assert explicit["global_steps"] == 4 and not (other / "checkpoint-1").exists()  # the flag reached train()
 
 
 @pytest.mark.data
@@ -339,6 +369,7 @@ def test_sft_trl_trains_lora_and_reports_heldout_loss(sft, tiny_lm, tmp_path, ca
     assert results["heldout_loss_after"] < results["heldout_loss_before"]
     assert len(results["generations"]) == 3 and (out / "adapter_model.safetensors").is_file()
     train_logs = [log for log in results["log_history"] if "loss" in log]
+    assert len(train_logs) == 4
     assert all("vasso/sharpness" in log and "num_tokens" in log for log in train_logs)
     assert "Held-out loss" in capsys.readouterr().out
 
@@ -356,6 +387,7 @@ def test_vit_under_accelerate_launch_two_processes(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["global_steps"] == 2 and results["num_processes"] == 2
     train_logs = [log for log in results["log_history"] if "loss" in log]
+    assert len(train_logs) == 2
     assert all(log["vasso/adversary_fraction"] == 1.0 for log in train_logs)
 
 

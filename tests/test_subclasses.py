@@ -191,6 +191,113 @@ def test_dpo_metrics_are_the_clean_pass(tmp_path):
     assert all("vasso/sharpness" in row for row in vasso.state.log_history[:-1])
 
 
+# ---------------------------------------------------------------- TRL's other offline trainers: the README's two lines
+
+
+class VassoRewardTrainer(VassoTrainerMixin, trl.RewardTrainer):
+    pass
+
+
+class VassoKTOTrainer(VassoTrainerMixin, trl.KTOTrainer):
+    pass
+
+
+def tiny_reward_model():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=1,
+        pad_token_id=0,
+    )
+    return LlamaForSequenceClassification(config)
+
+
+def reward(trainer_cls, tmp_path, **overrides):
+    data = Dataset.from_dict({"chosen": sentences(16, 2), "rejected": sentences(16, 3)})
+    args = trl.RewardConfig(output_dir=str(tmp_path), max_length=16, **{**COMMON, **overrides})
+    trainer = trainer_cls(model=tiny_reward_model(), args=args, train_dataset=data, processing_class=tiny_tokenizer())
+    trainer.train()
+    return trainer
+
+
+def kto(trainer_cls, tmp_path, **overrides):
+    labels = [i % 2 == 0 for i in range(16)]
+    data = Dataset.from_dict({"prompt": sentences(16, 1), "completion": sentences(16, 2), "label": labels})
+    args = trl.KTOConfig(output_dir=str(tmp_path), max_length=24, **{**COMMON, **overrides})
+    trainer = trainer_cls(
+        model=tiny_llama(), ref_model=tiny_llama(), args=args, train_dataset=data, processing_class=tiny_tokenizer()
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "run, plain_cls, vasso_cls",
+    [(reward, trl.RewardTrainer, VassoRewardTrainer), (kto, trl.KTOTrainer, VassoKTOTrainer)],
+    ids=["RewardTrainer", "KTOTrainer"],
+)
+def test_offline_trl_trainer_through_the_generic_mixin_logs_the_clean_pass(tmp_path, run, plain_cls, vasso_cls):
+    """`class VassoX(VassoTrainerMixin, X)`: num_tokens counted once at every step, step-1 metrics plain TRL's."""
+    plain = run(plain_cls, tmp_path / "p")
+    vasso = run(vasso_cls, tmp_path / "v")  # the plain TRL config, upgraded with the default VASSO fields
+    plain_rows, vasso_rows = clean_logs(plain)[:-1], clean_logs(vasso)[:-1]
+    assert len(vasso_rows) == 4 and [sorted(r) for r in vasso_rows] == [sorted(r) for r in plain_rows]
+    assert [r["num_tokens"] for r in vasso_rows] == [r["num_tokens"] for r in plain_rows]  # not doubled
+    # Step 1: the weights are still equal, so every metric is (the Trainer's grad_norm is pass 2's by design).
+    assert {k: v for k, v in vasso_rows[0].items() if k != "grad_norm"} == {
+        k: v for k, v in plain_rows[0].items() if k != "grad_norm"
+    }
+    assert all("vasso/sharpness" in row for row in vasso.state.log_history[:-1])
+    assert vasso.vasso.step == 4 and isinstance(vasso.args, VassoArguments)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model.parameters(), vasso.model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["CPO", "ORPO"])
+def test_experimental_offline_trl_trainers_count_their_stored_metrics_once(tmp_path, name):
+    """CPO and ORPO keep their metrics in `_stored_metrics`: at `adversary_prob=0` the logs equal plain TRL's, and
+    with VASSO every row has the same keys and step 1 the same values."""
+    import importlib
+
+    module = importlib.import_module(f"trl.experimental.{name.lower()}")
+    trainer_cls, config_cls = getattr(module, f"{name}Trainer"), getattr(module, f"{name}Config")
+    vasso_cls = type(f"Vasso{name}Trainer", (VassoTrainerMixin, trainer_cls), {})
+    data = Dataset.from_dict({"prompt": sentences(12, 1), "chosen": sentences(12, 2), "rejected": sentences(12, 3)})
+
+    def train(cls, out, **overrides):
+        args = config_cls(output_dir=str(tmp_path / out), max_length=24, **{**COMMON, **overrides})
+        trainer = cls(model=tiny_llama(), args=args, train_dataset=data, processing_class=tiny_tokenizer())
+        trainer.train()
+        return trainer
+
+    plain, vasso = train(trainer_cls, "p"), train(vasso_cls, "v")
+    plain_rows, vasso_rows = clean_logs(plain)[:-1], clean_logs(vasso)[:-1]
+    assert len(vasso_rows) == 4 and [sorted(r) for r in vasso_rows] == [sorted(r) for r in plain_rows]
+    assert {k: v for k, v in vasso_rows[0].items() if k != "grad_norm"} == {
+        k: v for k, v in plain_rows[0].items() if k != "grad_norm"
+    }
+    assert vasso.vasso.step == 4
+
+
+def test_sft_config_given_to_vasso_sft_trainer_becomes_the_one_vasso_sft_config(tmp_path):
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_length=16, **COMMON)
+    trainer = VassoSFTTrainer(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=Dataset.from_dict({"text": sentences(8)}),
+        processing_class=tiny_tokenizer(),
+    )
+    assert type(trainer.args) is VassoSFTConfig  # not a second class of the same name
+    assert trainer.args.max_length == 16 and not isinstance(args, VassoArguments)
+
+
 # ---------------------------------------------------------------- online trainers are refused
 
 
@@ -198,8 +305,9 @@ def test_trainers_that_generate_in_training_step_are_refused():
     class VassoGRPO(VassoTrainerMixin, trl.GRPOTrainer):
         pass
 
-    with pytest.raises(ValueError, match="GRPOTrainer generates completions inside training_step"):
+    with pytest.raises(ValueError, match="GRPOTrainer generates completions inside training_step") as error:
         VassoGRPO(model=None)
+    assert "reward modelling" not in str(error.value) and "RewardTrainer, KTOTrainer" in str(error.value)
 
 
 # ---------------------------------------------------------------- Seq2Seq
