@@ -6,7 +6,6 @@ Paper: arXiv 2309.15639 (VASSO, NeurIPS 2023) and arXiv 2509.02433 (the extended
 from __future__ import annotations
 
 import sys
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,6 @@ import torch
 from .rules import (
     check_hyperparameters,
     refuse_accelerate_accumulation,
-    refuse_pass1_onto_pass2_gradient,
     refuse_step_without_first_step,
     refuse_wrapped_vasso,
 )
@@ -79,8 +77,8 @@ class VASSO(torch.optim.Optimizer):
             for an optimizer that is already built.
         ValueError: a hyperparameter is invalid, nothing requires a gradient, the base optimizer is
             `torch.optim.SparseAdam` (sparse gradients) or already a `VASSO`; and, at step time, `step()` without a
-            closure and without `first_step()` since the last step (e.g. inside `transformers.Trainer`), or a
-            pass-1 gradient accumulated onto the previous pass-2 gradient (see `first_step`).
+            closure and without `first_step()` since the last step (e.g. inside `transformers.Trainer`), or
+            `first_step()` inside `accelerator.accumulate()` before the step's last micro-batch.
     """
 
     def __init__(
@@ -115,10 +113,8 @@ class VASSO(torch.optim.Optimizer):
         super().__init__([p for g in groups for p in g["params"]], dict(base_optimizer.defaults))
         self._share_base_state()
         self._grad_scale: torch.Tensor | None = None
-        # Host-side bookkeeping of the call order (no device sync): whether first_step ran since the last base step,
-        # and the pass-2 gradient tensors with their in-place version counters, until the gradients are zeroed.
+        # Host-side bookkeeping of the call order (no device sync): whether first_step ran since the last base step.
         self._first_step_done = False
-        self._pass2_grads: list[tuple[torch.Tensor, weakref.ref, int]] = []
 
     def _share_base_state(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -135,14 +131,10 @@ class VASSO(torch.optim.Optimizer):
         davda54/sam's.
 
         Raises:
-            ValueError: called inside `accelerator.accumulate()` on a micro-batch that does not end the step, or
-                the gradient holds this pass-1 gradient added onto the last step's pass-2 gradient (not zeroed).
+            ValueError: called inside `accelerator.accumulate()` on a micro-batch that does not end the step.
         """
         if _accelerate_is_accumulating():
             refuse_accelerate_accumulation()
-        if any(p.grad is not None and p.grad is ref() and p.grad._version != v for p, ref, v in self._pass2_grads):
-            refuse_pass1_onto_pass2_gradient()
-        self._pass2_grads = []
         adversary = self.vasso.is_adversary_step()
         # Kept for the pass-2 guard: with a scaler, a non-finite pass-2 gradient is the scaler's to skip.
         self._grad_scale = grad_scaler._scale if grad_scaler is not None and grad_scaler.is_enabled() else None
@@ -162,21 +154,8 @@ class VASSO(torch.optim.Optimizer):
         self._restore_and_guard()
 
     def _restore_and_guard(self) -> None:
-        if self.vasso.perturbed:
-            # Remembered until zero_grad() (weakly: a freed gradient must not stay alive for this): the next
-            # first_step refuses a pass-1 gradient added in place onto these.
-            self._pass2_grads = [
-                (p, weakref.ref(p.grad), p.grad._version)
-                for g in self.param_groups
-                for p in g["params"]
-                if p.grad is not None
-            ]
         self.vasso.restore()
         self.vasso.guard_perturbed_gradient(self._grad_scale)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
-        self._pass2_grads = []
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

@@ -245,18 +245,6 @@ def refuse_step_without_first_step() -> None:
     )
 
 
-def refuse_pass1_onto_pass2_gradient() -> None:
-    """`first_step()` found the pass-1 gradient accumulated onto the previous step's pass-2 gradient."""
-    raise ValueError(
-        "VASSO.first_step() found the pass-1 gradient added onto the previous step's pass-2 gradient (the "
-        "gradients were not zeroed after the last step, e.g. inside accelerator.accumulate(), whose zero_grad() is "
-        "a no-op between micro-batches). Zero the gradients after each step (second_step(zero_grad=True) or "
-        "optimizer.zero_grad()). To accumulate K micro-batches, run pass 1 over all K, call first_step() once, run "
-        "pass 2 over the same K, then second_step(): the README's accumulation recipe, without "
-        "accelerator.accumulate()."
-    )
-
-
 def refuse_accelerate_accumulation() -> None:
     """`first_step()` inside `accelerator.accumulate()` on a micro-batch that does not end the optimizer step."""
     raise ValueError(
