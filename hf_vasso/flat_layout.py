@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sharding import ShardReduction, local
+from .sharding import ShardReduction, check_gradient_layout, local
 
 # (parameter indices, initialized flag, ||d||² of the cohort): what a cohort carries across a repack.
 Cohort = tuple[list[int], torch.Tensor, torch.Tensor]
@@ -115,7 +115,6 @@ class FlatLayout:
             end = start + sum(local(self.params[i]).numel() for i in idx)
             self.segments.append(Segment(idx, start, end, init, self.d_flat.new_zeros(())))
             start = end
-        self.refresh_d_sq()
         self.version += 1
         self.active = order
         self.position = {i: k for k, i in enumerate(order)}
@@ -123,19 +122,16 @@ class FlatLayout:
         self._local_cache = None
         self._work = None
         self.work_views = []
+        self.refresh_d_sq()
 
     def refresh_d_sq(self) -> torch.Tensor:
         """Recompute each cohort's ||d||² (summed over ranks); returns them stacked (one per segment)."""
         if not self.segments:
             return self.d_flat.new_zeros(0)
-        d_sq = self.reduction.cohort_sq_norms(self.d_flat, self.ranges())
+        d_sq = self.reduction.cohort_sq_norms(self.d_flat, self.active_d(), self)
         for i, s in enumerate(self.segments):
             s.d_sq = d_sq[i]
         return d_sq
-
-    def ranges(self) -> list[tuple[int, int]]:
-        """Each cohort's (start, end) in the flat buffers."""
-        return [(s.start, s.end) for s in self.segments]
 
     def work_buffer(self) -> torch.Tensor:
         if self._work is None:
@@ -172,10 +168,11 @@ class FlatLayout:
                     f"Parameter {self._name(i)} has a sparse gradient: VASSO needs dense gradients (its norm and EMA "
                     "are dense). Use a dense embedding (nn.Embedding(sparse=False)) and a dense optimizer."
                 )
+            if self.reduction.has_dtensor:
+                check_gradient_layout(self.params[i], grad, self._name(i))
+                grad = local(grad)
             sources.append(grad)
             targets.append(view)
-        if self.reduction.has_dtensor:
-            sources = [local(g) for g in sources]
         if sources:
             torch._foreach_copy_(targets, sources)
         if missing:

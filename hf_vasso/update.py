@@ -125,7 +125,7 @@ class VassoUpdate:
 
         self.step = 0
         self.perturbed = False
-        self._reduction = ShardReduction(self.params)
+        self._reduction = ShardReduction(self.params, self.name)
         self.layout = FlatLayout(self.params, self._reduction, self.name)
         self._window = MetricWindow(self.layout.device)
         self._scales: list[torch.Tensor] | None = None  # per active tensor, this step's rho_group / ||.||
@@ -182,7 +182,7 @@ class VassoUpdate:
         self._add_group(group)
         if param_names is not None:
             self.param_names.extend(param_names)
-        self._reduction = ShardReduction(self.params)
+        self._reduction = ShardReduction(self.params, self.name)
         self.layout.reduction = self._reduction
         self.layout.sync()
         self._scales = None  # this step's adversary (if any) was computed without the new tensors
@@ -226,10 +226,11 @@ class VassoUpdate:
         self._guard_pending = False
         work = self.layout.copy_gradients_into_work()
         inv = None if grad_scale is None else grad_scale.float().reciprocal()
-        ranges = self.layout.ranges()
-        g_sq_seg = self._reduction.cohort_sq_norms(work, ranges)
-        # <g, d_{t-1}> per cohort: for theta = 1 the cosine metric does not follow from norms alone.
-        dots = self._reduction.cohort_dots(work, self.layout.d_flat, ranges) if self._cosine_needs_dots else None
+        layout = self.layout
+        g_sq_seg = self._reduction.cohort_sq_norms(work, layout.work_views, layout)
+        dots = None
+        if self._cosine and self.theta == 1.0:  # <g, d_{t-1}>: for theta = 1 the cosine does not follow from norms
+            dots = self._reduction.cohort_dots(work, layout.d_flat, layout.work_views, layout.active_d(), layout)
         finite = torch.isfinite(g_sq_seg.sum())
         previous = [(s.d_sq, s.initialized) for s in self.layout.segments]
         self._fold_ema(work, finite, inv)
@@ -237,10 +238,6 @@ class VassoUpdate:
         self._set_scales(finite, d_sq_seg.sum())
         self.step += 1
         self._record_step(g_sq_seg, d_sq_seg, previous, dots, inv, finite)
-
-    @property
-    def _cosine_needs_dots(self) -> bool:
-        return self._cosine and self.theta == 1.0
 
     def _fold_ema(self, work: torch.Tensor, finite: torch.Tensor, inv: torch.Tensor | None) -> None:
         """d <- (1 - theta) d + theta g per cohort; d <- g on a cohort's first finite step; d unchanged if g is not
@@ -279,11 +276,15 @@ class VassoUpdate:
         return self._reuse_d_sq[1]
 
     def _geometry_sq_norm(self) -> torch.Tensor:
-        """Σ over groups of the geometry's squared norm of the group's active tensors, summed over ranks."""
-        total = torch.zeros((), device=self.layout.device)
-        for weights, d, group in self._active_by_group():
-            total = total + group.geometry.sq_norm(weights, d)
-        return self._reduction.sum_over_ranks(total)
+        """Σ over groups of the geometry's squared norm of the group's active tensors, summed over ranks (each
+        reduction class of the layout through its own process groups)."""
+        partials: dict[int, torch.Tensor] = {}
+        for group in self._groups:
+            active = [i for i in group.indices if self.d[i] is not None]
+            for cls, indices in self._reduction.split(active).items():
+                weights, d = [local(self.params[i]) for i in indices], [self.d[i] for i in indices]
+                partials[cls] = partials.get(cls, 0.0) + group.geometry.sq_norm(weights, d)
+        return self._reduction.sum_over_ranks(partials)
 
     def _active_by_group(self) -> Iterable[tuple[list[torch.Tensor], list[torch.Tensor], _Group]]:
         """(local weights, d, group) of each group with active parameters."""
@@ -387,7 +388,7 @@ class VassoUpdate:
             sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
         else:
             sq = torch.zeros((), device=self.layout.device)
-        finite = torch.isfinite(self._reduction.sum_over_ranks(sq))
+        finite = torch.isfinite(self._reduction.sum_everywhere(sq))
         if grad_scale is None:
             nonfinite = ~finite
             for g in grads:
