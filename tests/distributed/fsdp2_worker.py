@@ -42,8 +42,10 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def full_like_param(local: torch.Tensor, param: DTensor) -> torch.Tensor:
-    """Gather a local shard laid out like `param` (e.g. d) into the whole tensor."""
+def full_like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Gather a local shard laid out like `param` (e.g. d) into the whole tensor (a plain `param`: `local` itself)."""
+    if not isinstance(param, DTensor):
+        return local
     return DTensor.from_local(
         local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride(), run_check=False
     ).full_tensor()
@@ -80,7 +82,7 @@ def main() -> None:
 
     vasso_ref = VassoUpdate(params_ref, rho=RHO, theta=THETA)
     vasso_sh = VassoUpdate(params_sh, rho=RHO, theta=THETA)
-    assert vasso_ref._group is None and vasso_sh._group is not None
+    assert not vasso_ref._reduction.needed and vasso_sh._reduction.needed
     opt_ref = torch.optim.SGD(params_ref, lr=LR)
     opt_sh = torch.optim.SGD(params_sh, lr=LR)
     loss_fn = nn.functional.mse_loss
