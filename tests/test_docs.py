@@ -7,7 +7,9 @@ The docs: README.md, recipes/README.md and docs/*.md. Blocks by language:
   The only substitution: `hf_vasso.VassoConfig` is replaced, for the block, by a subclass that moves `output_dir`
   under the test's temporary folder and trains 2 steps on CPU with no reporting or saving; the block's text is never
   changed. Afterwards the test checks what the block built: a trainer trained with VASSO steps, a `VASSO` optimizer
-  took a VASSO step, a trainer or config class defined by the block trains and keeps its base class's defaults.
+  took a VASSO step (a block that loops over `loader`: one step per batch, or per `K` batches where it sets `K`, each
+  equal to one step on the `K` batches joined), a trainer or config class defined by the block trains and keeps its
+  base class's defaults.
   A block that builds none of these fails: extend the checks rather than skip it.
 - `bash`: each command is checked without running long jobs: `pip install` extras exist in pyproject.toml and pins
   equal `.ci/run`'s, `apt-get install` packages are the ones `.ci/run` installs, recipe flags are accepted by the
@@ -23,6 +25,7 @@ import argparse
 import ast
 import dataclasses
 import importlib
+import inspect
 import os
 import re
 import shlex
@@ -174,6 +177,36 @@ def check_optimizer(optimizer: VASSO, model: nn.Module) -> str:
     return "VASSO optimizer stepped"
 
 
+def check_loop_steps(optimizer: VASSO, model: nn.Module, namespace: dict, loader: DataLoader) -> str:
+    """A block that loops over `loader` took its own steps: one per batch, or one per `K` batches where the block sets
+    `K` (gradient accumulation by hand). Each accumulated step must equal one step on the `K` batches joined: the same
+    weights and `d` as the same base optimizer and hyperparameters on a fresh model, up to the order of float sums."""
+    k = namespace.get("K", 1)
+    batches = list(loader)
+    assert len(batches) >= k >= 1
+    assert optimizer.vasso.step == len(batches) // k, f"{optimizer.vasso.step} VASSO steps over {len(batches)} batches"
+    if k == 1:
+        return f"loop took {optimizer.vasso.step} VASSO steps"
+    twin = DocModel()
+    base = optimizer.base_optimizer
+    accepted = inspect.signature(type(base)).parameters
+    twin_optimizer = VASSO(
+        type(base)(twin.parameters(), **{n: v for n, v in base.defaults.items() if n in accepted}),
+        rho=optimizer.vasso.rho,
+        theta=optimizer.vasso.theta,
+        adversary_prob=optimizer.vasso.adversary_prob,
+        seed=optimizer.vasso.seed,
+        adaptive=optimizer.vasso.adaptive,
+    )
+    for start in range(0, len(batches) - k + 1, k):
+        x, y = (torch.cat(t) for t in zip(*batches[start : start + k]))
+        vasso_step(twin_optimizer, lambda x=x, y=y: namespace["loss_fn"](twin(x), y))
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), twin.parameters())) < 1e-6
+    pairs = [(a, b) for a, b in zip(optimizer.vasso.d, twin_optimizer.vasso.d) if a is not None]
+    assert pairs and max((a - b).abs().max().item() for a, b in pairs) < 1e-6
+    return f"{k} micro-batches per step equal one batch of {k}x"
+
+
 def check_trainer_class(cls: type, config_class: type, tmp_path: Path) -> str:
     args = config_class(output_dir=str(tmp_path / f"{cls.__name__}-run"), **TINY)
     trainer = cls(model=DocModel(), args=args, train_dataset=make_dataset(32))
@@ -211,6 +244,8 @@ def test_python_block_runs(block, namespace, tmp_path):
         if isinstance(value, Trainer):
             checked.append(check_trained_trainer(value))
         elif isinstance(value, VASSO):
+            if re.search(r"^\s*for .* in loader:", text, flags=re.M):
+                checked.append(check_loop_steps(value, namespace["model"], namespace, supplied["loader"]))
             checked.append(check_optimizer(value, namespace["model"]))
     config_classes = [v for v in built.values() if isinstance(v, type) and issubclass(v, VassoArguments)]
     for value in built.values():
