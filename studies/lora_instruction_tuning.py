@@ -67,65 +67,118 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references)) / len(references)
 
 
-def run(method: str, rho: float | None, seed: int, data, tokenizer, folder: str, quick: bool, out: str) -> dict:
-    """Train one configuration; return its validation and test figures and its held-out loss curve."""
-    import transformers
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
-    from hf_vasso import VassoConfig, VassoTrainer
-
-    vasso, multiplier = METHODS[method]
-    steps = (2 if quick else STEPS) * multiplier
-    common = dict(
+def training_settings(out: str, seed: int, use_cpu: bool = True, **overrides) -> dict:
+    """The `TrainingArguments` fields every LoRA study shares (the recipe's: batches of 8, lr 1e-3, cosine)."""
+    settings = dict(
         output_dir=out,
-        max_steps=steps,
         per_device_train_batch_size=8,
         per_device_eval_batch_size=16,
         learning_rate=1e-3,
         warmup_steps=0.1,
         lr_scheduler_type="cosine",
-        logging_steps=max(1, steps // 4),
-        eval_strategy="steps",
-        eval_steps=max(1, steps // 4),
         prediction_loss_only=True,
         save_strategy="no",
         report_to="none",
         remove_unused_columns=False,
         disable_tqdm=True,
         seed=seed,
-        use_cpu=True,
+        use_cpu=use_cpu,
     )
+    settings.update(overrides)
+    return settings
+
+
+_BASE_MODELS: dict[str, object] = {}
+
+
+def lora_model(folder: str, seed: int, quick: bool, tokenizer):
+    """A fresh LoRA r=8 (every linear layer) on the base model: SmolLM2 from `folder` (read once per process, then
+    copied), or with `quick` a tiny Llama with SmolLM2's vocabulary. The LoRA initialisation follows `seed`."""
+    import copy
+
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     transformers.set_seed(seed)
     if quick:
         model = helpers.tiny_llama(seed, vocab_size=len(tokenizer), max_positions=256, tie_word_embeddings=True)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"))
-    kwargs = dict(
+        if folder not in _BASE_MODELS:
+            _BASE_MODELS[folder] = AutoModelForCausalLM.from_pretrained(folder)
+        model = copy.deepcopy(_BASE_MODELS[folder])
+        transformers.set_seed(seed)
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"))
+
+
+def make_trainer(vasso: dict | None, rho: float | None, settings: dict, model, train, evaluation, tokenizer, **kwargs):
+    """The plain `Trainer` when `vasso` is None (AdamW), else `VassoTrainer` with `rho` and the `vasso` fields."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_vasso import VassoConfig, VassoTrainer
+
+    kwargs.update(
         model=model,
-        train_dataset=data["train"],
-        eval_dataset=data["test"],  # the curve only; rho is chosen on the validation split
+        train_dataset=train,
+        eval_dataset=evaluation,
         data_collator=recipe.make_collator(tokenizer),
         processing_class=tokenizer,
     )
     if vasso is None:
-        trainer = Trainer(args=TrainingArguments(**common), **kwargs)
-    else:
-        trainer = VassoTrainer(args=VassoConfig(**common, rho=rho, **vasso), **kwargs)
+        return Trainer(args=TrainingArguments(**settings), **kwargs)
+    return VassoTrainer(args=VassoConfig(**settings, rho=rho, **vasso), **kwargs)
+
+
+def passes_per_step(trainer) -> float:
+    """Forward+backward passes per optimizer step, measured: 1 + the fraction of steps whose adversary moved the
+    weights (`vasso/adversary_fraction`, each logged window weighted by its number of steps). 1.0 for AdamW."""
+    moved, steps, last = 0.0, 0, 0
+    for row in trainer.state.log_history:
+        if "vasso/adversary_fraction" in row:
+            moved += row["vasso/adversary_fraction"] * (row["step"] - last)
+            steps, last = steps + row["step"] - last, row["step"]
+    return 1.0 + (moved / steps if steps else 0.0)
+
+
+def tokenise(data, tokenizer):
+    """The recipe's chat tokenisation (loss on the response only, 128 tokens at most) of instruction/response rows."""
+    return data.map(
+        lambda row: recipe.tokenize_chat(tokenizer, row["instruction"], row["response"], 128),
+        remove_columns=["instruction", "response"],
+    )
+
+
+def load_tokenizer(quick: bool):
+    """`(folder, tokenizer)` of the embedded SmolLM2 (with `quick`, the tokenizer only is materialised)."""
+    from transformers import AutoTokenizer
+
+    folder = embedded_data.embedded_smollm2(recipe.ModelArguments().cache_dir, with_weights=not quick)
+    return folder, AutoTokenizer.from_pretrained(folder)
+
+
+def run(method: str, rho: float | None, seed: int, data, tokenizer, folder: str, quick: bool, out: str) -> dict:
+    """Train one configuration; return its validation and test figures and its held-out loss curve."""
+    vasso, multiplier = METHODS[method]
+    steps = (2 if quick else STEPS) * multiplier
+    settings = training_settings(
+        out,
+        seed,
+        max_steps=steps,
+        logging_steps=max(1, steps // 4),
+        eval_strategy="steps",
+        eval_steps=max(1, steps // 4),
+    )
+    model = lora_model(folder, seed, quick, tokenizer)
+    # the curve only is on the test split; rho is chosen on the validation split
+    trainer = make_trainer(vasso, rho, settings, model, data["train"], data["test"], tokenizer)
     start = time.time()
     trainer.train()
     seconds = time.time() - start
     validation = trainer.evaluate(data["validation"], metric_key_prefix="validation")["validation_loss"]
     test = trainer.evaluate(metric_key_prefix="test")["test_loss"]
     generations = recipe.generate(trainer.model, tokenizer, data["test_text"]["instruction"], 24 if not quick else 4)
-    adversary = [
-        row["vasso/adversary_fraction"] for row in trainer.state.log_history if "vasso/adversary_fraction" in row
-    ]
-    passes_per_step = 1 + (statistics.fmean(adversary) if adversary else 0.0)
-    curve = [
-        (row["step"] * passes_per_step, row["eval_loss"]) for row in trainer.state.log_history if "eval_loss" in row
-    ]
+    passes = passes_per_step(trainer)
+    curve = [(row["step"] * passes, row["eval_loss"]) for row in trainer.state.log_history if "eval_loss" in row]
     return {
         "method": method,
         "rho": rho,
@@ -134,7 +187,7 @@ def run(method: str, rho: float | None, seed: int, data, tokenizer, folder: str,
         "validation_loss": validation,
         "test_loss": test,
         "exact_match": exact_match(generations, data["test_text"]["response"]),
-        "passes_per_step": passes_per_step,
+        "passes_per_step": passes,
         "seconds": seconds,
         "curve": curve,
     }
@@ -239,19 +292,14 @@ def main(argv: list[str] | None = None) -> dict:
         write_results(result, args.out)
         return result
 
-    from transformers import AutoTokenizer
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    folder = embedded_data.embedded_smollm2(recipe.ModelArguments().cache_dir, with_weights=not args.quick)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    folder, tokenizer = load_tokenizer(args.quick)
     data = load_data(args.quick)
     sizes = {split: len(rows) for split, rows in data.items()}
     text = data["test"]
-    data = data.map(
-        lambda row: recipe.tokenize_chat(tokenizer, row["instruction"], row["response"], 128),
-        remove_columns=["instruction", "response"],
-    )
+    data = tokenise(data, tokenizer)
     data["test_text"] = text
     seeds = SEEDS[:1] if args.quick else SEEDS
     grid = RHO_GRID[1:2] if args.quick else RHO_GRID

@@ -1,16 +1,26 @@
-"""The LoRA instruction-tuning study's `--quick` mode writes well-formed results (never a result is asserted)."""
+"""The LoRA studies (instruction tuning; overfitting): their `--quick` modes write well-formed results (never a result
+is asserted), and the overfitting study's own pieces (the corruption, the best-epoch weights) do what they say."""
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import os
 
 import pytest
-from helpers import assert_png, assert_provenance, needs_smollm2, read_csv, run_quick
+import torch
+from helpers import REPO, assert_png, assert_provenance, needs_smollm2, read_csv, reference_coin, run_quick
 
-pytestmark = [pytest.mark.slow, needs_smollm2()]
+
+def expected_passes(seed: int, steps: int, adversary_prob: float) -> float:
+    """Forward+backward passes per step of `steps` optimizer steps seeded `seed`: 1 + the fraction of steps whose
+    eVASSO coin (`reference_coin`, the specification) says "move" (2.0 for SAM/VASSO, 1.0 for AdamW)."""
+    return 1.0 + sum(reference_coin(seed, t, adversary_prob) for t in range(steps)) / steps
 
 
+@pytest.mark.slow
+@needs_smollm2()
 def test_lora_instruction_tuning_quick(tmp_path):
     """The LoRA study's `--quick` mode (tiny Llama, SmolLM2's tokenizer, the eg pairs): well-formed files only."""
     out = str(tmp_path)
@@ -18,9 +28,13 @@ def test_lora_instruction_tuning_quick(tmp_path):
     result = json.load(open(os.path.join(out, "lora_instruction_tuning.json")))
     methods = {"AdamW", "AdamW, 2x steps", "SAM", "VASSO θ=0.4", "eVASSO θ=0.4 p=0.3"}
     assert set(result["chosen_rho"]) == methods and {r["method"] for r in result["runs"]} == methods
+    probs = {"AdamW": 0.0, "AdamW, 2x steps": 0.0, "SAM": 1.0, "VASSO θ=0.4": 1.0, "eVASSO θ=0.4 p=0.3": 0.3}
+    assert result["runs"]
     for r in result["runs"]:
         assert r["test_loss"] > 0 and 0 <= r["exact_match"] <= 1 and r["curve"]
-        assert r["passes_per_step"] == {"SAM": 2.0, "VASSO θ=0.4": 2.0}.get(r["method"], r["passes_per_step"])
+        # measured passes = what the coins of (seed, step) dictate: 1 for AdamW, 2 for SAM/VASSO, between for eVASSO
+        assert r["passes_per_step"] == expected_passes(r["seed"], r["steps"], probs[r["method"]])
+        assert 1.0 <= r["passes_per_step"] <= 2.0
         assert (r["rho"] is None) == r["method"].startswith("AdamW")
     assert {r["steps"] for r in result["runs"] if r["method"] == "AdamW, 2x steps"} == {4}
     rows = read_csv(os.path.join(out, "lora_instruction_tuning.csv"))
@@ -32,3 +46,104 @@ def test_lora_instruction_tuning_quick(tmp_path):
     os.remove(os.path.join(out, "lora_instruction_tuning.md"))
     run_quick("studies/lora_instruction_tuning.py", out, "--report-only")
     assert "| AdamW |" in open(os.path.join(out, "lora_instruction_tuning.md")).read()
+
+
+def overfitting_study():
+    """The study script as a module (it puts `studies/` on the path for its own imports)."""
+    spec = importlib.util.spec_from_file_location(
+        "lora_overfitting", os.path.join(REPO, "studies/lora_overfitting.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_corruption_moves_responses_along_a_cycle_of_the_chosen_pairs():
+    """30% of the pairs get another chosen pair's response (none keeps its own), the rest are untouched; the draw is a
+    function of the seed."""
+    from datasets import Dataset
+
+    study = overfitting_study()
+    train = Dataset.from_dict(
+        {"instruction": [f"task {i}" for i in range(20)], "response": [f"cmd {i}" for i in range(20)]}
+    )
+    wrong, chosen = study.corrupt(train, 0.3, seed=0)
+    assert len(chosen) == 6
+    for i, (before, after) in enumerate(zip(train["response"], wrong["response"])):
+        assert (before != after) == (i in chosen)
+    assert sorted(wrong["response"][i] for i in chosen) == sorted(train["response"][i] for i in chosen)
+    assert wrong["instruction"] == train["instruction"]
+    assert study.corrupt(train, 0.3, seed=0)[0]["response"] == wrong["response"]
+    assert study.corrupt(train, 0.3, seed=1)[0]["response"] != wrong["response"]
+    assert study.corrupt(train, 0.0, seed=0) == (train, [])
+
+
+def test_keep_best_restores_the_weights_of_the_lowest_validation_loss():
+    """The callback keeps the trainable weights of the best epoch (bit for bit), ignores frozen ones and the final test
+    evaluations, and `restore` puts them back."""
+    from types import SimpleNamespace
+
+    study = overfitting_study()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    model[1].requires_grad_(False)
+    keep, snapshots = study.KeepBest(), []
+    for epoch, loss in enumerate([3.0, 2.0, 2.5], start=1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+        keep.on_evaluate(None, SimpleNamespace(epoch=float(epoch)), None, metrics={"eval_loss": loss}, model=model)
+    keep.on_evaluate(None, SimpleNamespace(epoch=3.0), None, metrics={"test_loss": 0.1}, model=model)
+    assert (keep.epoch, keep.best) == (2, 2.0)
+    keep.restore(model)
+    restored = list(model.parameters())
+    assert torch.equal(restored[0], snapshots[1][0]) and torch.equal(restored[1], snapshots[1][1])
+    assert torch.equal(restored[2], snapshots[2][2])  # frozen: left as it is
+    assert not torch.equal(snapshots[1][0], snapshots[2][0])  # the restore had something to undo
+
+
+@pytest.mark.slow
+@needs_smollm2()
+def test_lora_overfitting_quick(tmp_path):
+    """The overfitting study's `--quick` mode: every run of the plan written, passes as the coins dictate, the selected
+    epoch is the validation minimum, finished runs are skipped, `--report-only` reports a partial study as partial."""
+    study = overfitting_study()
+    out = str(tmp_path)
+    run_quick("studies/lora_overfitting.py", out)
+    paths = sorted(glob.glob(os.path.join(out, "lora_overfitting_quick", "*.json")))
+    runs = [json.load(open(p)) for p in paths]
+    grid, seeds = study.the_plan(study.PROFILES["quick"])
+    assert len(runs) == len(grid) + len(seeds) == 25
+    assert {(r["condition"], r["method"]) for r in runs} == {
+        (c, m) for m, (_, _, conditions) in study.METHODS.items() for c in conditions
+    }
+    probs = {"adamw": 0.0, "sam": 1.0, "vasso0.4": 1.0, "vasso0.2": 1.0, "evasso": 0.3}
+    chosen = {}
+    for r in runs:
+        assert r["passes_per_step"] == expected_passes(r["seed"], r["steps"], probs[r["method"]])
+        assert r["steps"] == 4 and r["wrong_pairs"] == {"clean": 0, "wrong30": 2}[r["condition"]]
+        curve = r["validation_curve"]
+        assert len(curve) == len(r["train_curve"]) == r["epochs"] == 2
+        assert r["validation_at_selected"] == min(curve) and r["selected_epoch"] == curve.index(min(curve)) + 1
+        assert r["test_at_selected"] > 0 and r["test_at_last"] > 0
+        if r["selected_epoch"] == r["epochs"]:  # the restored weights are the last ones: the same test loss exactly
+            assert r["test_at_selected"] == r["test_at_last"]
+        if r["seed"] == 0 and r["rho"] is not None:
+            best = chosen.get((r["condition"], r["method"]))
+            if best is None or r["validation_at_selected"] < best[0]:
+                chosen[(r["condition"], r["method"])] = (r["validation_at_selected"], r["rho"])
+    later = [r for r in runs if r["seed"] == 1]
+    assert len(later) == 9 and {r["method"] for r in later if r["rho"] is None} == {"adamw"}
+    assert all(r["rho"] == chosen[(r["condition"], r["method"])][1] for r in later if r["rho"] is not None)
+    md = open(os.path.join(out, "lora_overfitting_quick.md")).read()
+    assert_provenance(md, "studies/lora_overfitting.py")
+    assert "Status: complete; 25 of the plan's 25 runs done." in md and "| 30% wrong responses | VASSO θ=0.2 |" in md
+    assert_png(os.path.join(out, "lora_overfitting_quick.png"))
+
+    stamps = {p: os.stat(p).st_mtime_ns for p in paths}
+    run_quick("studies/lora_overfitting.py", out)  # every run is there: nothing is trained again
+    assert {p: os.stat(p).st_mtime_ns for p in paths} == stamps
+    os.remove(paths[-1])
+    run_quick("studies/lora_overfitting.py", out, "--report-only")
+    md = open(os.path.join(out, "lora_overfitting_quick.md")).read()
+    assert "Status: PARTIAL" in md and "24 of the plan's 25 runs done." in md
