@@ -208,7 +208,7 @@ def write_report(runs: dict, profile: dict, out: str, stem: str) -> str:
         "# LoRA where fine-tuning overfits: AdamW vs SAM vs VASSO vs eVASSO, selected on validation",
         "",
         _common.provenance_md(first["machine"], first["command"]).rstrip("\n")
-        + f" Runs from {first['machine']['date_utc']} to {last['machine']['date_utc']}.",
+        + f" Runs finished from {first['machine']['date_utc']} to {last['machine']['date_utc']}.",
         "",
         f"Status: {status}; {len(runs)} of the plan's {planned} runs done.",
         "",
@@ -248,7 +248,8 @@ def write_report(runs: dict, profile: dict, out: str, stem: str) -> str:
             ax.plot(range(1, len(curve) + 1), curve, marker="o", label=label)
         ax.set_title(CONDITION_NAMES[condition])
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
+        if ax.lines:  # a partial study may have no run of this condition yet
+            ax.legend(fontsize=8)
     axes[0].set_ylabel("validation loss (mean over seeds)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, stem + ".png"), dpi=120)
