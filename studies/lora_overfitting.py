@@ -16,7 +16,7 @@ responses (a random cycle among the chosen pairs, drawn per seed; validation and
 - Every run writes `<out>/lora_overfitting[_<profile>]/<run>.json` the moment it finishes; a run whose file exists is
   skipped, so an interrupted study continues where it stopped. The plan runs seed 0's grids (both conditions) first.
 
-    python studies/lora_overfitting.py                # CPU profile: 48 pairs, 6 epochs, 3 seeds (hours on 2 cores)
+    python studies/lora_overfitting.py                # CPU profile: 48 pairs, 8 epochs, 3 seeds (hours on 2 cores)
     python studies/lora_overfitting.py --profile gpu  # all 218 training pairs, 5 epochs, 4 seeds, on one GPU
     python studies/lora_overfitting.py --report-only  # the table and plot from the runs finished so far
     python studies/lora_overfitting.py --quick        # seconds: a tiny Llama, 8 pairs, 2 epochs, 2 seeds (the tests)
@@ -43,7 +43,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 NAME = "lora_overfitting"
 PROFILES = {  # train_pairs None = every training pair of the LoRA study's split (218)
-    "cpu": dict(train_pairs=48, epochs=6, seeds=(0, 1, 2), rho_grid=(0.05, 0.2), batch=8),
+    "cpu": dict(train_pairs=48, epochs=8, seeds=(0, 1, 2), rho_grid=(0.05, 0.2), batch=8),
     # batches of 16: a 135M model's step on a GPU is bound by kernel launches, so twice the pairs cost about the same
     "gpu": dict(train_pairs=None, epochs=5, seeds=(0, 1, 2, 3), rho_grid=(0.05, 0.2), batch=16),
     "quick": dict(train_pairs=8, epochs=2, seeds=(0, 1), rho_grid=(0.05, 0.2), batch=4),
