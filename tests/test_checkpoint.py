@@ -128,6 +128,28 @@ def test_damaged_or_foreign_state_is_refused_with_the_file_and_the_fix(tmp_path,
     assert "Resume from an earlier checkpoint, or delete" in message
 
 
+def test_state_without_checksum_from_an_older_version_loads_with_a_warning(tmp_path, caplog):
+    """Before the checksum, the file was `torch.save(vasso.state_dict(), path)`: it resumes bit for bit, with a
+    warning that it is loaded unchecked; the other checks still apply to it."""
+    full = run(tmp_path / "full")
+    checkpoint = tmp_path / "old"
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", checkpoint)
+    state = torch.load(checkpoint / VASSO_STATE_NAME, weights_only=True)
+    del state["checksum"]
+    torch.save(state, checkpoint / VASSO_STATE_NAME)
+    with caplog.at_level("WARNING"):
+        resumed = run(tmp_path / "resumed", resume=str(checkpoint))
+    assert f"{checkpoint / VASSO_STATE_NAME} has no checksum (written by an older hf_vasso)" in caplog.text
+    for name, value in weights(full.model).items():
+        assert torch.equal(value, weights(resumed.model)[name]), name
+    assert all(torch.equal(a, b) for a, b in zip(resumed.vasso.d, full.vasso.d)) and resumed.vasso.step == 8
+
+    state["d"][0].view(-1)[0] = float("nan")  # unchecked is not unvalidated
+    torch.save(state, checkpoint / VASSO_STATE_NAME)
+    with pytest.raises(ValueError, match="finite"):
+        run(tmp_path / "nan", resume=str(checkpoint))
+
+
 def test_wrapper_state_dict_round_trip():
     """VASSO.state_dict() is the base optimizer's plus d: a reload continues bit for bit, LR schedulers work."""
     x, y = make_data()
