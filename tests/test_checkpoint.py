@@ -1,6 +1,7 @@
 """Checkpoints hold all VASSO state: a resumed run continues bit for bit."""
 
 import copy
+import gc
 import os
 import shutil
 
@@ -233,6 +234,54 @@ def test_jit_checkpoint_requested_during_a_step_resumes_bit_exact(tmp_path, hook
     for name, value in weights(full.model).items():
         assert torch.equal(value, weights(resumed.model)[name]), name
     assert all(torch.equal(a, b) for a, b in zip(resumed.vasso.d, full.vasso.d))
+
+
+def live_tensor_bytes() -> int:
+    """The bytes of every tensor storage the Python heap holds (views counted once)."""
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+class MeasureStep(TrainerCallback):
+    """The tensor bytes alive at the start and the end of step `step` (before its end-of-step save)."""
+
+    def __init__(self, trainer, step: int) -> None:
+        self.trainer, self.step, self.bytes, self.deferred = trainer, step, {}, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            self.bytes["begin"] = live_tensor_bytes()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.bytes["end"] = live_tensor_bytes()
+            self.deferred = self.trainer._vasso_deferred_save
+
+
+def test_jit_checkpoint_deferred_to_the_step_end_keeps_no_copy(tmp_path):
+    """While the save requested mid-step waits for the step's end, the trainer holds no tensor more than a step
+    without a request does (no copy of the weights, `d` or the optimizer state is taken to save later)."""
+    batch = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, adversary_prob=0.5, max_steps=8)
+    measured = {}
+    for jit in (False, True):
+        args = make_args(tmp_path / str(jit), enable_jit_checkpoint=jit, **batch)
+        trainer = VassoTrainer(make_model(), args, train_dataset=make_dataset(n=64))
+        measure = MeasureStep(trainer, step=6)
+        trainer.add_callback(measure)
+        if jit:
+            request = RequestJITCheckpoint(trainer, "on_substep_end", at_step=5)
+            trainer.add_callback(request)
+        trainer.train()
+        measured[jit] = measure
+    assert request.fired and measured[True].deferred is True and measured[False].deferred is False
+    model_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    assert measured[True].bytes["begin"] > model_bytes > 0  # the count sees the weights (a copy would add as much)
+    grew = {jit: m.bytes["end"] - m.bytes["begin"] for jit, m in measured.items()}
+    assert grew[True] == grew[False], grew
 
 
 # ---------------------------------------------------------------- the state file is never half written
