@@ -1,6 +1,7 @@
 """Checkpoints hold all VASSO state: a resumed run continues bit for bit."""
 
 import copy
+import gc
 import os
 import shutil
 
@@ -128,6 +129,28 @@ def test_damaged_or_foreign_state_is_refused_with_the_file_and_the_fix(tmp_path,
     assert "Resume from an earlier checkpoint, or delete" in message
 
 
+def test_state_without_checksum_from_an_older_version_loads_with_a_warning(tmp_path, caplog):
+    """Before the checksum, the file was `torch.save(vasso.state_dict(), path)`: it resumes bit for bit, with a
+    warning that it is loaded unchecked; the other checks still apply to it."""
+    full = run(tmp_path / "full")
+    checkpoint = tmp_path / "old"
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", checkpoint)
+    state = torch.load(checkpoint / VASSO_STATE_NAME, weights_only=True)
+    del state["checksum"]
+    torch.save(state, checkpoint / VASSO_STATE_NAME)
+    with caplog.at_level("WARNING"):
+        resumed = run(tmp_path / "resumed", resume=str(checkpoint))
+    assert f"{checkpoint / VASSO_STATE_NAME} has no checksum (written by an older hf_vasso)" in caplog.text
+    for name, value in weights(full.model).items():
+        assert torch.equal(value, weights(resumed.model)[name]), name
+    assert all(torch.equal(a, b) for a, b in zip(resumed.vasso.d, full.vasso.d)) and resumed.vasso.step == 8
+
+    state["d"][0].view(-1)[0] = float("nan")  # unchecked is not unvalidated
+    torch.save(state, checkpoint / VASSO_STATE_NAME)
+    with pytest.raises(ValueError, match="finite"):
+        run(tmp_path / "nan", resume=str(checkpoint))
+
+
 def test_wrapper_state_dict_round_trip():
     """VASSO.state_dict() is the base optimizer's plus d: a reload continues bit for bit, LR schedulers work."""
     x, y = make_data()
@@ -211,6 +234,54 @@ def test_jit_checkpoint_requested_during_a_step_resumes_bit_exact(tmp_path, hook
     for name, value in weights(full.model).items():
         assert torch.equal(value, weights(resumed.model)[name]), name
     assert all(torch.equal(a, b) for a, b in zip(resumed.vasso.d, full.vasso.d))
+
+
+def live_tensor_bytes() -> int:
+    """The bytes of every tensor storage the Python heap holds (views counted once)."""
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+class MeasureStep(TrainerCallback):
+    """The tensor bytes alive at the start and the end of step `step` (before its end-of-step save)."""
+
+    def __init__(self, trainer, step: int) -> None:
+        self.trainer, self.step, self.bytes, self.deferred = trainer, step, {}, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            self.bytes["begin"] = live_tensor_bytes()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.bytes["end"] = live_tensor_bytes()
+            self.deferred = self.trainer._vasso_deferred_save
+
+
+def test_jit_checkpoint_deferred_to_the_step_end_keeps_no_copy(tmp_path):
+    """While the save requested mid-step waits for the step's end, the trainer holds no tensor more than a step
+    without a request does (no copy of the weights, `d` or the optimizer state is taken to save later)."""
+    batch = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, adversary_prob=0.5, max_steps=8)
+    measured = {}
+    for jit in (False, True):
+        args = make_args(tmp_path / str(jit), enable_jit_checkpoint=jit, **batch)
+        trainer = VassoTrainer(make_model(), args, train_dataset=make_dataset(n=64))
+        measure = MeasureStep(trainer, step=6)
+        trainer.add_callback(measure)
+        if jit:
+            request = RequestJITCheckpoint(trainer, "on_substep_end", at_step=5)
+            trainer.add_callback(request)
+        trainer.train()
+        measured[jit] = measure
+    assert request.fired and measured[True].deferred is True and measured[False].deferred is False
+    model_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    assert measured[True].bytes["begin"] > model_bytes > 0  # the count sees the weights (a copy would add as much)
+    grew = {jit: m.bytes["end"] - m.bytes["begin"] for jit, m in measured.items()}
+    assert grew[True] == grew[False], grew
 
 
 # ---------------------------------------------------------------- the state file is never half written

@@ -8,8 +8,9 @@ The docs: README.md, recipes/README.md and docs/*.md. Blocks by language:
   under the test's temporary folder and trains 2 steps on CPU with no reporting or saving; the block's text is never
   changed. Afterwards the test checks what the block built: a trainer trained with VASSO steps, a `VASSO` optimizer
   took a VASSO step (a block that loops over `loader`: one step per batch, or per `K` batches where it sets `K`, each
-  equal to one step on the `K` batches joined), a trainer or config class defined by the block trains and keeps its
-  base class's defaults.
+  equal to one step on the `K` batches joined; every param group in VASSO), a trainer or config class defined by the
+  block trains and keeps its base class's defaults, an adversary geometry the block registers is built by the engine
+  and takes an exactly restored step (and is unregistered after the test).
   A block that builds none of these fails: extend the checks rather than skip it.
 - `bash`: each command is checked without running long jobs: `pip install` extras exist in pyproject.toml and pins
   equal `.ci/run`'s, `apt-get install` packages are the ones `.ci/run` installs, recipe flags are accepted by the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -35,13 +37,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, make_data, make_dataset, vasso_step, weights
+from helpers import REPO, make_data, make_dataset, use_geometry, vasso_step, weights
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import Trainer, TrainingArguments
 
 import hf_vasso
 from hf_vasso import VASSO, VassoArguments, VassoConfig, VassoTrainerMixin
+from hf_vasso.adversary import GEOMETRIES, AdversaryGeometry
 
 try:
     import tomllib
@@ -174,7 +177,40 @@ def check_optimizer(optimizer: VASSO, model: nn.Module) -> str:
         assert any(not torch.equal(v, weights(model)[k]) for k, v in before.items()), "the step moved nothing"
     assert optimizer.vasso.step >= 1
     assert optimizer.vasso.d and any(d is not None for d in optimizer.vasso.d)
+    # Every param group, one added with `add_param_group` included, is in VASSO, and each trainable tensor has a d.
+    in_groups = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in in_groups} == {id(p) for p in optimizer.vasso.params}, "a param group is not in VASSO"
+    assert all(d is not None for d, p in zip(optimizer.vasso.d, optimizer.vasso.params) if p.requires_grad)
     return "VASSO optimizer stepped"
+
+
+def check_geometry_class(cls: type, monkeypatch) -> str:
+    """A geometry the block registers: the engine builds it for a param group and takes a step with it, which moves
+    the weights and restores them bit for bit. (Its identities are the registry-wide tests of test_engine_variants.)"""
+    assert GEOMETRIES.get(cls.name) is cls, f"{cls.__name__} is not registered under {cls.name!r}"
+    model, (x, y) = DocModel(), make_data(32)
+    adaptive = use_geometry(monkeypatch, cls.name)  # the switch routed to the new key for this test
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, theta=0.4, adaptive=adaptive)
+    assert [type(g) for g in optimizer.vasso.geometries] == [cls], "the engine did not build the block's geometry"
+    before = weights(model)
+    nn.functional.mse_loss(model(x), y).backward()
+    assert optimizer.first_step(zero_grad=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(v, weights(model)[k]) for k, v in before.items()), "the perturbation moved nothing"
+    optimizer.restore()
+    assert all(torch.equal(v, weights(model)[k]) for k, v in before.items()), "the restore is not exact"
+    return f"geometry {cls.name!r} registered, built and stepped"
+
+
+@contextlib.contextmanager
+def geometries_restored():
+    """A geometry a block registers is removed afterwards: the registry other tests iterate over stays as it was."""
+    saved = dict(GEOMETRIES)
+    try:
+        yield
+    finally:
+        GEOMETRIES.clear()
+        GEOMETRIES.update(saved)
 
 
 def check_loop_steps(optimizer: VASSO, model: nn.Module, namespace: dict, loader: DataLoader) -> str:
@@ -231,7 +267,15 @@ def check_config_class(cls: type, tmp_path: Path) -> str:
 @pytest.mark.parametrize(
     "block", [b for b in BLOCKS if b[2] == "python"], ids=[i for i, b in zip(IDS, BLOCKS) if b[2] == "python"]
 )
-def test_python_block_runs(block, namespace, tmp_path):
+def test_python_block_runs(block, namespace, tmp_path, monkeypatch):
+    registered = dict(GEOMETRIES)
+    with geometries_restored():
+        checked = run_python_block(block, namespace, tmp_path, monkeypatch)
+    assert GEOMETRIES == registered, "a geometry the block registered was left in the registry"
+    assert checked, f"{block[0]}:{block[1]} built nothing this test knows how to check: extend tests/test_docs.py"
+
+
+def run_python_block(block, namespace, tmp_path, monkeypatch) -> list[str]:
     path, line, _, text = block
     supplied = dict(namespace)
     namespace["__name__"] = "doc_block"  # the module of the classes the block defines
@@ -254,7 +298,10 @@ def test_python_block_runs(block, namespace, tmp_path):
             checked.append(check_trainer_class(value, config_class, tmp_path))
     for cls in config_classes:
         checked.append(check_config_class(cls, tmp_path))
-    assert checked, f"{path}:{line} built nothing this test knows how to check: extend tests/test_docs.py"
+    for value in built.values():
+        if isinstance(value, type) and issubclass(value, AdversaryGeometry):
+            checked.append(check_geometry_class(value, monkeypatch))
+    return checked
 
 
 # ------------------------------------------------------------------------------------------------------ bash blocks

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import embedded_data
 import pytest
@@ -155,6 +156,24 @@ def test_vit_resumes_from_the_newest_complete_checkpoint(vit, tmp_path, force_di
         + ["--resume_from_checkpoint", str(tmp_path / "checkpoint-4")]
     )
     assert explicit["global_steps"] == 4 and not (other / "checkpoint-1").exists()  # the flag reached train()
+
+
+def test_resume_skips_a_checkpoint_with_the_jit_incomplete_marker(tmp_path, caplog):
+    """transformers' JIT checkpoint writes `checkpoint-is-incomplete.txt` first and removes it last: a folder that
+    still holds it was cut short, even with its `trainer_state.json` written."""
+    for step in (2, 3):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    cut = tmp_path / "checkpoint-3"
+    (cut / embedded_data.CHECKPOINT_INCOMPLETE_MARKER).write_text("Checkpoint started at step 3 and in progress...")
+    args = types.SimpleNamespace(resume_from_checkpoint=None, output_dir=str(tmp_path))
+    with caplog.at_level("WARNING"):
+        found = embedded_data.checkpoint_to_resume(args)
+    assert found == str(tmp_path / "checkpoint-2")
+    assert f"Skipping {cut}: its checkpoint-is-incomplete.txt marker says the save was interrupted" in caplog.text
+
+    (cut / embedded_data.CHECKPOINT_INCOMPLETE_MARKER).unlink()  # the control: the same folder, complete
+    assert embedded_data.checkpoint_to_resume(args) == str(cut)
 
 
 @pytest.mark.data

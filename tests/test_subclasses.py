@@ -260,30 +260,42 @@ def test_offline_trl_trainer_through_the_generic_mixin_logs_the_clean_pass(tmp_p
     assert any(not torch.equal(a, b) for a, b in zip(plain.model.parameters(), vasso.model.parameters()))
 
 
-@pytest.mark.parametrize("name", ["CPO", "ORPO"])
+@pytest.mark.parametrize("name", ["CPO", "ORPO", "TPO"])
 def test_experimental_offline_trl_trainers_count_their_stored_metrics_once(tmp_path, name):
-    """CPO and ORPO keep their metrics in `_stored_metrics`: at `adversary_prob=0` the logs equal plain TRL's, and
-    with VASSO every row has the same keys and step 1 the same values."""
+    """CPO and ORPO keep their metrics in `_stored_metrics`, TPO in `_metrics` with a token count: at
+    `adversary_prob=0` the weights and logs equal plain TRL's, and with VASSO every row has the same keys, step 1 the
+    same values and `num_tokens` (TPO) is counted once."""
     import importlib
 
     module = importlib.import_module(f"trl.experimental.{name.lower()}")
     trainer_cls, config_cls = getattr(module, f"{name}Trainer"), getattr(module, f"{name}Config")
     vasso_cls = type(f"Vasso{name}Trainer", (VassoTrainerMixin, trainer_cls), {})
-    data = Dataset.from_dict({"prompt": sentences(12, 1), "chosen": sentences(12, 2), "rejected": sentences(12, 3)})
+    vasso_config_cls = dataclasses.dataclass(type(f"Vasso{name}Config", (VassoArguments, config_cls), {}))
+    columns = {"prompt": sentences(12, 1), "chosen": sentences(12, 2), "rejected": sentences(12, 3)}
+    if name == "TPO":  # a triple preference: the gold completion too
+        columns["reference"] = sentences(12, 4)
+    data = Dataset.from_dict(columns)
 
-    def train(cls, out, **overrides):
-        args = config_cls(output_dir=str(tmp_path / out), max_length=24, **{**COMMON, **overrides})
+    def train(cls, out, config=config_cls, **overrides):
+        args = config(output_dir=str(tmp_path / out), max_length=24, **{**COMMON, **overrides})
         trainer = cls(model=tiny_llama(), args=args, train_dataset=data, processing_class=tiny_tokenizer())
         trainer.train()
         return trainer
 
-    plain, vasso = train(trainer_cls, "p"), train(vasso_cls, "v")
+    plain, vasso = train(trainer_cls, "p"), train(vasso_cls, "v")  # the plain TRL config, given the VASSO defaults
+    off = train(vasso_cls, "off", config=vasso_config_cls, adversary_prob=0.0)
+    assert_same_weights(plain.model, off.model)
+    assert clean_logs(plain) == clean_logs(off) and off.vasso.step == 4
+
     plain_rows, vasso_rows = clean_logs(plain)[:-1], clean_logs(vasso)[:-1]
     assert len(vasso_rows) == 4 and [sorted(r) for r in vasso_rows] == [sorted(r) for r in plain_rows]
     assert {k: v for k, v in vasso_rows[0].items() if k != "grad_norm"} == {
         k: v for k, v in plain_rows[0].items() if k != "grad_norm"
     }
+    if "num_tokens" in plain_rows[0]:
+        assert [r["num_tokens"] for r in vasso_rows] == [r["num_tokens"] for r in plain_rows]  # not doubled
     assert vasso.vasso.step == 4
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model.parameters(), vasso.model.parameters()))
 
 
 def test_sft_config_given_to_vasso_sft_trainer_becomes_the_one_vasso_sft_config(tmp_path):
