@@ -1,22 +1,89 @@
 """The adversary geometry: how the direction d becomes the perturbation ε. One small class per variant.
 
-`VassoUpdate` keeps d (the EMA of pass-1 gradients) and asks a geometry two things each step: the squared norm that
-ε is normalised by, and the in-place move x <- x + ε. A parameter group's own ρ scales its part of ε; the norm is
-one global norm over every group (the semantics of davda54/sam and pytorch_optimizer's `SAM`).
+`VassoUpdate` keeps d (the EMA of pass-1 gradients) and asks each param group's geometry two things every step: the
+squared norm that ε is normalised by, and the in-place move x <- x + ε. A parameter group's own ρ scales its part of
+ε; the norm is one global norm over every group (the semantics of davda54/sam and pytorch_optimizer's `SAM`).
 
 - `PlainAdversary` (VASSO, arXiv 2309.15639 / 2509.02433; SAM when θ = 1):  ε = ρ · d / ‖d‖
 - `AdaptiveAdversary` (ASAM, Kwon et al. 2021), with T = |w| elementwise:  ε = ρ · T²d / ‖T·d‖
 
-A new variant is a subclass with `sq_norm` and `perturb_`; the identity tests run over every class in `GEOMETRIES`.
-All tensors are the local shards (FSDP2); the caller all-reduces the squared norm over the shard group.
+The engine builds each group's geometry from `GEOMETRIES`, by the key that the user-facing switch selects
+(`ADAPTIVE_SWITCH`: `adaptive=True` is "adaptive", False is "plain"; the switch of davda54/sam and
+pytorch_optimizer). A third geometry is a subclass of `AdversaryGeometry` decorated with `@register_geometry`; the
+identity tests (`tests/test_engine_variants.py`, `tests/test_identities.py`) run over every key of `GEOMETRIES`, so
+it is tested as soon as it is registered. Users reach it once a switch maps to its key.
 """
 
 from __future__ import annotations
 
+import abc
+from typing import ClassVar
+
 import torch
 
 
-class PlainAdversary:
+class AdversaryGeometry(abc.ABC):
+    """The contract of an adversary geometry (stateless; the engine builds one instance per param group).
+
+    All tensors are this rank's local shards, in one list order: `weights[i]` the weight, `d[i]` its fp32 d. The
+    engine sums `sq_norm` over the groups and over the ranks (each element counted once), then calls `perturb_`
+    with `scales[i] = ρ_group / sqrt(that sum)` (0 where the norm is zero or not finite), all 0-d device tensors.
+    Neither method may read a tensor value on the host (no `.item()`, no Python `if` on a tensor).
+
+    Class attributes the engine reads:
+        name: the key in `GEOMETRIES`.
+        eps_parallel_to_d: ε ∝ d with one ρ, so the cosine between successive ε follows from norms of d alone
+            (the `vasso/adversary_cosine` metric is logged only then).
+        sq_norm_is_d_sq: `sq_norm` is exactly Σ‖d_i‖², so a one-group engine can reuse the ‖d‖² it already has.
+    """
+
+    name: ClassVar[str]
+    eps_parallel_to_d: ClassVar[bool] = False
+    sq_norm_is_d_sq: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def sq_norm(self, weights: list[torch.Tensor], d: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's part of the squared norm ε is normalised by (fp32 0-d tensor, not yet summed over ranks)."""
+
+    @abc.abstractmethod
+    def perturb_(self, weights: list[torch.Tensor], d: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
+        """w_i += ε_i in place, ε_i the geometry's direction times `scales[i]`, all computed before any w_i moves."""
+
+
+GEOMETRIES: dict[str, type[AdversaryGeometry]] = {}
+
+
+def register_geometry(cls: type[AdversaryGeometry]) -> type[AdversaryGeometry]:
+    """Class decorator: add a geometry to `GEOMETRIES` under its `name`.
+
+    Raises:
+        TypeError: not an `AdversaryGeometry` subclass, or its name is taken.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, AdversaryGeometry)) or not isinstance(
+        getattr(cls, "name", None), str
+    ):
+        raise TypeError(f"{cls!r} is not an AdversaryGeometry subclass with a `name`.")
+    if cls.name in GEOMETRIES:
+        raise TypeError(f"The adversary geometry name {cls.name!r} is taken by {GEOMETRIES[cls.name].__name__}.")
+    GEOMETRIES[cls.name] = cls
+    return cls
+
+
+# The user-facing switch (`adaptive`, a config field and a param-group key) -> the `GEOMETRIES` key it selects.
+ADAPTIVE_SWITCH = {False: "plain", True: "adaptive"}
+
+
+def make_geometry(adaptive: bool) -> AdversaryGeometry:
+    """The geometry the switch selects, built from the registry (read at call time)."""
+    return GEOMETRIES[ADAPTIVE_SWITCH[adaptive]]()
+
+
+def _zero_norm(weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.zeros((), device=weights[0].device if weights else "cpu")
+
+
+@register_geometry
+class PlainAdversary(AdversaryGeometry):
     """ε = ρ·d/‖d‖: the VASSO adversary (SAM's when θ = 1). Paper: arXiv 2309.15639, 2509.02433.
 
     Example::
@@ -27,21 +94,22 @@ class PlainAdversary:
     """
 
     name = "plain"
-    # ε ∝ d, so the cosine between successive ε is the cosine between successive d (computable from norms alone).
     eps_parallel_to_d = True
+    sq_norm_is_d_sq = True
 
     def sq_norm(self, weights: list[torch.Tensor], d: list[torch.Tensor]) -> torch.Tensor:
-        """Σ‖d_i‖² over these tensors (fp32 0-d tensor, not yet all-reduced)."""
+        """Σ‖d_i‖² over these tensors (fp32 0-d tensor, not yet summed over ranks)."""
         if not d:
-            return torch.zeros((), device=weights[0].device if weights else "cpu")
+            return _zero_norm(weights)
         return torch.stack(torch._foreach_norm(d, 2)).square().sum()
 
     def perturb_(self, weights: list[torch.Tensor], d: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
-        """w_i += scale_i · d_i in place, with no full temporary (`scales`: 0-d device tensors, ρ_group/‖·‖)."""
+        """w_i += scale_i · d_i in place, with no full temporary."""
         torch._foreach_addcmul_(weights, d, scales)
 
 
-class AdaptiveAdversary:
+@register_geometry
+class AdaptiveAdversary(AdversaryGeometry):
     """ε = ρ·T²d/‖T·d‖ with T = |w|: ASAM's scale-invariant adversary (arXiv 2102.11600), d in place of the gradient.
 
     Equals pytorch_optimizer's `SAM(adaptive=True)` (`e_w = w²·g·ρ/‖|w|·g‖`) when θ = 1. It needs one temporary
@@ -55,22 +123,16 @@ class AdaptiveAdversary:
     """
 
     name = "adaptive"
-    eps_parallel_to_d = False
 
     def sq_norm(self, weights: list[torch.Tensor], d: list[torch.Tensor]) -> torch.Tensor:
+        """Σ‖|w_i|·d_i‖² over these tensors (fp32 0-d tensor, not yet summed over ranks)."""
         if not d:
-            return torch.zeros((), device=weights[0].device if weights else "cpu")
+            return _zero_norm(weights)
         weighted = torch._foreach_mul(d, weights)  # fp32 (d is fp32)
         return torch.stack(torch._foreach_norm(weighted, 2)).square().sum()
 
     def perturb_(self, weights: list[torch.Tensor], d: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
+        """w_i += scale_i · w_i²·d_i, with w²·d computed before any weight moves."""
         offset = torch._foreach_mul(d, weights)
-        torch._foreach_mul_(offset, weights)  # w²·d, computed before any weight moves
+        torch._foreach_mul_(offset, weights)
         torch._foreach_addcmul_(weights, offset, scales)
-
-
-GEOMETRIES = {"plain": PlainAdversary, "adaptive": AdaptiveAdversary}
-
-
-def geometry_for(adaptive: bool) -> PlainAdversary | AdaptiveAdversary:
-    return AdaptiveAdversary() if adaptive else PlainAdversary()

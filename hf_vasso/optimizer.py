@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .rules import check_hyperparameters
+from .rules import check_adaptive, check_hyperparameters
 from .update import VassoUpdate
 
 
@@ -102,6 +102,32 @@ class VASSO(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults = self.base_optimizer.defaults
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the base optimizer and to VASSO (unfreezing a head mid-run, davda54/sam#65).
+
+        The group's own `"rho"` and `"adaptive"` apply to its part of ε (the norm stays global over all groups);
+        its parameters are perturbed from the next `first_step` on, their d starting from their first gradient. The
+        state saved afterwards loads into a `VASSO` built over all the groups from the start, and the other way.
+
+        Raises:
+            RuntimeError: the weights are perturbed (call `restore()` first).
+            ValueError, TypeError: as `torch.optim.Optimizer.add_param_group`, or an invalid "rho"/"adaptive";
+                nothing is added then.
+        """
+        if self.__dict__.get("param_groups") is not self.base_optimizer.param_groups:
+            # torch.optim.Optimizer.__init__ registering the wrapper's view of the parameters, before it shares the
+            # base optimizer's groups: nothing to add to the base or to the engine.
+            return super().add_param_group(param_group)
+        if self.vasso.perturbed:
+            raise RuntimeError("VASSO: add_param_group() called while the weights are perturbed; call restore().")
+        check_hyperparameters(param_group.get("rho", self.vasso.rho), self.vasso.theta, self.vasso.adversary_prob)
+        check_adaptive(param_group.get("adaptive", self.vasso.adaptive))
+        self.base_optimizer.add_param_group(param_group)  # validates and fills the base's defaults
+        added = self.base_optimizer.param_groups[-1]
+        self.vasso.add_param_group(
+            {"params": added["params"], **{k: added[k] for k in ("rho", "adaptive") if k in added}}
+        )
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> bool:

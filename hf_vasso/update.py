@@ -14,49 +14,29 @@ require gradients at that step (the full specification is `docs/algorithm.md`):
 synchronises host and device on the training path: every decision that depends on a tensor value (a non-finite
 gradient, a zero norm, a parameter's first step) is a `torch.where` on the device.
 
-Memory layout: d and one work buffer are flat fp32 buffers over the parameters that currently require gradients
-(`d[i]` are views into the first). The work buffer holds the step's gradient in `absorb_gradient` (so a non-finite
-gradient can be zeroed without touching `p.grad`) and the saved weights between `perturb` and `restore`: VASSO keeps
-8 bytes per trainable parameter, 2x the weights in fp32. Flat buffers make the per-step work a handful of kernels
-whatever the number of tensors (LoRA has hundreds of tiny ones).
+The pieces: `flat_layout.py` (d and the work buffer, flat fp32 over the trainable set, cohort by cohort),
+`sharding.py` (local shards and the cross-rank sum of the norms), `adversary.py` (the geometries), `metrics.py` (the
+`vasso/*` window) and `state.py` (the checkpoint). VASSO keeps 8 bytes per trainable parameter, 2x the weights in
+fp32; flat buffers make the per-step work a handful of kernels whatever the number of tensors.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
 
-from .adversary import geometry_for
+from .adversary import AdversaryGeometry, make_geometry
+from .flat_layout import FlatLayout
+from .metrics import MetricWindow
 from .rules import check_adaptive, check_hyperparameters, check_seed
+from .sharding import ShardReduction, local
+from .state import STATE_FORMAT, load_state, save_state, validate_state
 
-logger = logging.getLogger("hf_vasso")
-
-STATE_FORMAT = "hf_vasso.VassoUpdate/2"
-
-# Running sums kept on the device for the logged metrics (one host sync per logging window).
-_WINDOW = (
-    "steps",  # absorb_gradient calls
-    "moved",  # steps whose weights really moved (finite d, non-zero eps)
-    "grad_norm",  # sum of ||g|| over finite steps
-    "d_norm",  # sum of ||d|| over steps where d exists
-    "d_count",
-    "cos",
-    "cos_count",
-    "perturbed_loss",
-    "perturbed_count",
-    "sharpness",  # perturbed minus clean loss, on steps that recorded both
-    "sharpness_count",
-    "nonfinite",  # steps whose pass-1 gradient was not finite
-    "guarded",  # guard_perturbed_gradient calls on perturbed steps
-    "perturbed_nonfinite",  # ... whose pass-2 gradient was not finite
-)
-_W = {name: i for i, name in enumerate(_WINDOW)}
+__all__ = ["STATE_FORMAT", "VassoUpdate", "adversary_coin"]
 
 
 def adversary_coin(seed: int, step: int, adversary_prob: float) -> bool:
@@ -71,33 +51,6 @@ def adversary_coin(seed: int, step: int, adversary_prob: float) -> bool:
     return random.Random(f"hf_vasso:{seed}:{step}").random() < adversary_prob
 
 
-# ---------------------------------------------------------------------------------------------- sharding
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _shard_group(params: list[torch.Tensor]) -> torch.distributed.ProcessGroup | None:
-    """The process group over which the parameters are sharded (FSDP2), or None when every rank holds them whole."""
-    meshes = {(p.device_mesh, tuple(p.placements)) for p in params if isinstance(p, DTensor)}
-    if not meshes:
-        return None
-    if len(meshes) > 1:
-        raise NotImplementedError("hf_vasso needs every trainable parameter sharded on the same device mesh.")
-    mesh, placements = meshes.pop()
-    shard_dims = [i for i, placement in enumerate(placements) if isinstance(placement, Shard)]
-    if not shard_dims:
-        return None
-    if len(shard_dims) > 1:
-        raise NotImplementedError("hf_vasso supports parameters sharded along one mesh dimension (FSDP2 or HSDP).")
-    return mesh.get_group(shard_dims[0])
-
-
-# ---------------------------------------------------------------------------------------------- the engine
-
-
 @dataclass
 class _Group:
     """A parameter group: its own rho and adversary geometry (the norm is global over all groups)."""
@@ -105,22 +58,7 @@ class _Group:
     rho: float
     adaptive: bool
     indices: list[int]
-
-
-@dataclass
-class _Segment:
-    """A contiguous run of the flat d buffer whose parameters became trainable together (a cohort).
-
-    `initialized` (device bool) is False until the cohort's first finite gradient, which d then copies (the
-    official code clones the first gradient). Cohorts exist so that a parameter unfrozen mid-run starts like a
-    first step while the others keep their EMA, with no per-tensor work.
-    """
-
-    indices: list[int]
-    start: int
-    end: int
-    initialized: torch.Tensor
-    d_sq: torch.Tensor  # ||d||² of this cohort after the last step (for the cosine metric)
+    geometry: AdversaryGeometry
 
 
 class VassoUpdate:
@@ -152,7 +90,7 @@ class VassoUpdate:
         adversary_prob (`float`): probability of an adversary step, in [0, 1]; below 1 is eVASSO.
         seed (`int`): seed of the eVASSO coins (42 is the Trainer's default seed).
         adaptive (`bool`): ASAM's scale-invariant adversary instead of VASSO's (default of groups without
-            "adaptive").
+            "adaptive"); selects the geometry in `adversary.GEOMETRIES`.
         param_names (`list[str]`, *optional*): one name per tensor, in order; saved and checked at load time.
 
     Raises:
@@ -178,46 +116,86 @@ class VassoUpdate:
         self.params: list[torch.Tensor] = []
         self._groups: list[_Group] = []
         for group in _as_groups(params):
-            group_rho = check_hyperparameters(group.get("rho", self.rho), self.theta, self.adversary_prob)[0]
-            group_adaptive = check_adaptive(group.get("adaptive", self.adaptive))
-            first = len(self.params)
-            self.params.extend(group["params"])
-            self._groups.append(_Group(group_rho, group_adaptive, list(range(first, len(self.params)))))
+            self._add_group(group)
         if not any(p.requires_grad for p in self.params):
             raise ValueError("VASSO found no parameter with requires_grad=True: there is nothing to perturb.")
         if param_names is not None and len(param_names) != len(self.params):
             raise ValueError(f"param_names has {len(param_names)} names for {len(self.params)} tensors.")
         self.param_names = list(param_names) if param_names is not None else None
-        self._group_of = [0] * len(self.params)
-        for gi, group in enumerate(self._groups):
-            for i in group.indices:
-                self._group_of[i] = gi
-        self._geometries = [geometry_for(g.adaptive) for g in self._groups]
-        # The cosine between successive eps follows from norms only when eps ∝ d with one rho.
-        one_rho = len({g.rho for g in self._groups}) == 1
-        self._cosine = one_rho and all(geo.eps_parallel_to_d for geo in self._geometries)
-        self._single_plain = len(self._groups) == 1 and not self._groups[0].adaptive
 
         self.step = 0
         self.perturbed = False
-        self._has_dtensor = any(isinstance(p, DTensor) for p in self.params)
-        self._group = _shard_group([p for p in self.params if isinstance(p, DTensor)])
-        self._device = _local(self.params[0]).device
-        self._zero = torch.zeros((), device=self._device)
-        self._window = torch.zeros(len(_WINDOW), device=self._device)
-
-        # The active set and its flat buffers, (re)built on the host when the requires_grad flags change.
-        self._flags: tuple[bool, ...] | None = None
-        self._active: list[int] = []
-        self._segments: list[_Segment] = []
-        self._d_flat = torch.zeros(0, device=self._device)
-        self._work: torch.Tensor | None = None
-        self._work_views: list[torch.Tensor] = []
-        self.d: list[torch.Tensor | None] = [None] * len(self.params)
+        self._reduction = ShardReduction(self.params)
+        self.layout = FlatLayout(self.params, self._reduction, self.name)
+        self._window = MetricWindow(self.layout.device)
         self._scales: list[torch.Tensor] | None = None  # per active tensor, this step's rho_group / ||.||
-        self._moved = torch.zeros((), dtype=torch.bool, device=self._device)
+        self._moved = torch.zeros((), dtype=torch.bool, device=self.layout.device)
         self._guard_pending = False
-        self._sync_trainable_set()
+        self._reuse_d_sq = (-1, False)  # (layout version, _norm_is_d_norm()) cached on the host
+        self.layout.sync()
+
+    def _add_group(self, group: dict[str, Any]) -> None:
+        """Append a param group (its own "rho" and "adaptive", else the engine's) to the parameters."""
+        rho = check_hyperparameters(group.get("rho", self.rho), self.theta, self.adversary_prob)[0]
+        adaptive = check_adaptive(group.get("adaptive", self.adaptive))
+        first = len(self.params)
+        self.params.extend(group["params"])
+        indices = list(range(first, len(self.params)))
+        self._groups.append(_Group(rho, adaptive, indices, make_geometry(adaptive)))
+        self._group_of = [gi for gi, g in enumerate(self._groups) for _ in g.indices]
+        # The cosine between successive eps follows from norms only when eps ∝ d with one rho.
+        one_rho = len({g.rho for g in self._groups}) == 1
+        self._cosine = one_rho and all(g.geometry.eps_parallel_to_d for g in self._groups)
+
+    def add_param_group(self, group: dict[str, Any], param_names: list[str] | None = None) -> None:
+        """Add a param group after construction (`torch.optim.Optimizer.add_param_group`'s counterpart).
+
+        Its tensors join the engine with the group's own "rho" and "adaptive" (else the engine's defaults), take
+        part in the norm and are perturbed from the next `absorb_gradient` on, their d starting from their first
+        gradient (like a parameter unfrozen mid-run). A state saved afterwards has the layout of an engine built over
+        all the groups from the start.
+
+        Args:
+            group: `{"params": [...], "rho": ..., "adaptive": ...}` (a lone tensor is accepted as "params").
+            param_names: one name per new tensor; required when the engine has names.
+
+        Raises:
+            RuntimeError: the weights are perturbed (call `restore()` first).
+            ValueError: an invalid "rho"/"adaptive", a tensor the engine already has, or names that do not fit.
+        """
+        if self.perturbed:
+            raise RuntimeError("VASSO: add_param_group() called while the weights are perturbed; call restore().")
+        (group,) = _as_groups([group])
+        known = {id(p) for p in self.params}
+        if any(id(p) in known for p in group["params"]):
+            raise ValueError(
+                "add_param_group: a tensor of the new group is already optimised by VASSO; a parameter may belong "
+                "to one group only (change its group's rho instead)."
+            )
+        if (self.param_names is None) != (param_names is None) or (
+            param_names is not None and len(param_names) != len(group["params"])
+        ):
+            raise ValueError(
+                f"add_param_group: pass one name per new tensor ({len(group['params'])}) exactly when the engine "
+                f"has names (it {'has' if self.param_names is not None else 'has none'})."
+            )
+        self._add_group(group)
+        if param_names is not None:
+            self.param_names.extend(param_names)
+        self._reduction = ShardReduction(self.params)
+        self.layout.reduction = self._reduction
+        self.layout.sync()
+        self._scales = None  # this step's adversary (if any) was computed without the new tensors
+
+    @property
+    def d(self) -> list[torch.Tensor | None]:
+        """d per parameter (fp32, this rank's local shard), None for parameters outside the trainable set."""
+        return self.layout.d
+
+    @property
+    def geometries(self) -> list[AdversaryGeometry]:
+        """The adversary geometry of each param group, in group order."""
+        return [g.geometry for g in self._groups]
 
     # ------------------------------------------------------------------ the step
 
@@ -244,85 +222,93 @@ class VassoUpdate:
         """
         if self.perturbed:
             raise RuntimeError("VASSO: absorb_gradient() called while the weights are perturbed; call restore().")
-        self._sync_trainable_set()
+        self.layout.sync()
         self._guard_pending = False
-        work = self._work_buffer()
-        self._copy_gradients_into(work)
+        work = self.layout.copy_gradients_into_work()
         inv = None if grad_scale is None else grad_scale.float().reciprocal()
-        theta = self.theta
+        ranges = self.layout.ranges()
+        g_sq_seg = self._reduction.cohort_sq_norms(work, ranges)
+        # <g, d_{t-1}> per cohort: for theta = 1 the cosine metric does not follow from norms alone.
+        dots = self._reduction.cohort_dots(work, self.layout.d_flat, ranges) if self._cosine_needs_dots else None
+        finite = torch.isfinite(g_sq_seg.sum())
+        previous = [(s.d_sq, s.initialized) for s in self.layout.segments]
+        self._fold_ema(work, finite, inv)
+        d_sq_seg = self.layout.refresh_d_sq()
+        self._set_scales(finite, d_sq_seg.sum())
+        self.step += 1
+        self._record_step(g_sq_seg, d_sq_seg, previous, dots, inv, finite)
 
-        # Squared norms of g per cohort (and <g, d_{t-1}> for theta = 1, where norms alone do not give the cosine).
-        stats = [torch.linalg.vector_norm(work[s.start : s.end]).square() for s in self._segments]
-        if self._cosine and theta == 1.0:
-            stats += [torch.dot(work[s.start : s.end], self._d_flat[s.start : s.end]) for s in self._segments]
-        stats = torch.stack(stats)
-        if self._group is not None:
-            stats = self._all_reduce(stats)
-        n = len(self._segments)
-        g_sq_seg = stats[:n]
-        g_sq = g_sq_seg.sum()
-        finite = torch.isfinite(g_sq)
+    @property
+    def _cosine_needs_dots(self) -> bool:
+        return self._cosine and self.theta == 1.0
 
+    def _fold_ema(self, work: torch.Tensor, finite: torch.Tensor, inv: torch.Tensor | None) -> None:
+        """d <- (1 - theta) d + theta g per cohort; d <- g on a cohort's first finite step; d unchanged if g is not
+        finite (decided on the device)."""
         # Make the copied gradient finite, so that its product with take = 0 on a non-finite step is 0 (0 * inf
         # would be NaN): d then stays exactly itself. On finite steps this changes nothing.
         work.nan_to_num_(0.0, 0.0, 0.0)
-        d_sq_prev = [s.d_sq for s in self._segments]
-        was_initialized = [s.initialized for s in self._segments]
-        for s in self._segments:
+        theta = self.theta
+        for s in self.layout.segments:
             # d*(1-theta) then d + theta*g: bit-identical to the official d.mul_(1-theta).add_(g, alpha=theta).
             # A first step uses keep=1, take=1 on d=0 (d <- g exactly); a non-finite step keep=1, take=0.
             keep = torch.where(finite & s.initialized, 1.0 - theta, 1.0)
             take = torch.where(finite, torch.where(s.initialized, theta, 1.0), 0.0)
             if inv is not None:
                 take = take * inv
-            d = self._d_flat[s.start : s.end]
-            d.mul_(keep).addcmul_(work[s.start : s.end], take)
+            self.layout.d_flat[s.start : s.end].mul_(keep).addcmul_(work[s.start : s.end], take)
             s.initialized = s.initialized | finite
-        d_sq_seg = torch.stack([torch.linalg.vector_norm(self._d_flat[s.start : s.end]) for s in self._segments])
-        d_sq_seg = d_sq_seg.square()
-        if self._group is not None:
-            d_sq_seg = self._all_reduce(d_sq_seg)
-        for i, s in enumerate(self._segments):
-            s.d_sq = d_sq_seg[i]
-        d_sq = d_sq_seg.sum()
-        d_norm = d_sq.sqrt()
-        has_d = torch.stack([s.initialized for s in self._segments]).any()
 
-        # The adversary: one global norm through the geometry, each group's rho.
-        if self._single_plain:
-            total_sq = d_sq
-        else:
-            total_sq = self._geometry_sq_norm()
+    def _set_scales(self, finite: torch.Tensor, d_sq: torch.Tensor) -> None:
+        """This step's rho_group / ||.|| per active tensor: one global norm through the geometries, each group's rho;
+        0 when the norm is zero or not finite."""
+        total_sq = d_sq if self._norm_is_d_norm() else self._geometry_sq_norm()
         norm = total_sq.sqrt()
         valid = finite & (norm > 0) & torch.isfinite(norm)
         group_scales = [torch.where(valid, g.rho / norm, 0.0) for g in self._groups]
-        self._scales = [group_scales[self._group_of[i]] for i in self._active]
+        self._scales = [group_scales[self._group_of[i]] for i in self.layout.active]
         self._moved = valid if any(g.rho > 0 for g in self._groups) else torch.zeros_like(valid)
-        self.step += 1
 
-        grad_norm = g_sq.sqrt() if inv is None else g_sq.sqrt() * inv
-        cos, cos_valid = self._cosine_stats(g_sq_seg, d_sq_seg, d_sq_prev, was_initialized, stats[n:], inv, finite)
-        zero = torch.zeros_like(g_sq)
-        self._window += torch.stack(
-            [
-                torch.ones_like(g_sq),
-                zero,  # "moved" is added by perturb(): only steps that perturb can move the weights
-                torch.where(finite, grad_norm, 0.0),
-                torch.where(has_d, d_norm, 0.0),
-                has_d.float(),
-                cos,
-                cos_valid.float(),
-                zero,
-                zero,
-                zero,
-                zero,
-                (~finite).float(),
-                zero,
-                zero,
-            ]
-        )
+    def _norm_is_d_norm(self) -> bool:
+        """Whether every group with active tensors normalises by ||d|| (the ||d||² at hand then serves), whatever the
+        grouping: a run reaches the same norm by the same arithmetic when groups are added or unfrozen later."""
+        if self._reuse_d_sq[0] != self.layout.version:
+            active_groups = {self._group_of[i] for i in self.layout.active}
+            reuse = all(self._groups[g].geometry.sq_norm_is_d_sq for g in active_groups)
+            self._reuse_d_sq = (self.layout.version, reuse)
+        return self._reuse_d_sq[1]
 
-    def _cosine_stats(self, g_sq_seg, d_sq_seg, d_sq_prev, was_initialized, dots, inv, finite):
+    def _geometry_sq_norm(self) -> torch.Tensor:
+        """Σ over groups of the geometry's squared norm of the group's active tensors, summed over ranks."""
+        total = torch.zeros((), device=self.layout.device)
+        for weights, d, group in self._active_by_group():
+            total = total + group.geometry.sq_norm(weights, d)
+        return self._reduction.sum_over_ranks(total)
+
+    def _active_by_group(self) -> Iterable[tuple[list[torch.Tensor], list[torch.Tensor], _Group]]:
+        """(local weights, d, group) of each group with active parameters."""
+        for group in self._groups:
+            active = [i for i in group.indices if self.d[i] is not None]
+            if active:
+                yield [local(self.params[i]) for i in active], [self.d[i] for i in active], group
+
+    def _record_step(self, g_sq_seg, d_sq_seg, previous, dots, inv, finite) -> None:
+        """Add this step's gradient norm, ||d||, cosine and finiteness to the metric window, by name."""
+        g_norm = g_sq_seg.sum().sqrt()
+        grad_norm = g_norm if inv is None else g_norm * inv
+        has_d = torch.stack([s.initialized for s in self.layout.segments]).any()
+        cos, cos_valid = self._cosine_stats(g_sq_seg, d_sq_seg, previous, dots, inv, finite)
+        self._window.add(
+            steps=1.0,
+            grad_norm=torch.where(finite, grad_norm, 0.0),
+            d_norm=torch.where(has_d, d_sq_seg.sum().sqrt(), 0.0),
+            d_count=has_d.float(),
+            cos=cos,
+            cos_count=cos_valid.float(),
+            nonfinite=(~finite).float(),
+        )  # "moved" is added by perturb(): only steps that perturb can move the weights
+
+    def _cosine_stats(self, g_sq_seg, d_sq_seg, previous, dots, inv, finite):
         """cos(d_t, d_{t-1}) without keeping d_{t-1}: <d_t, d_{t-1}> follows from squared norms for theta < 1,
         (||d_t||² + (1-θ)²||d_{t-1}||² - θ²||g||²) / (2(1-θ)), and from <g, d_{t-1}> for theta = 1. A cohort on its
         first step had no d_{t-1} and contributes 0. Absent (count 0) when eps is not ∝ d (ASAM, per-group rho)."""
@@ -330,25 +316,17 @@ class VassoUpdate:
             return torch.zeros_like(finite, dtype=torch.float32), torch.zeros_like(finite)
         theta = self.theta
         inv_sq = 1.0 if inv is None else inv * inv
-        inner = torch.zeros((), device=self._device)
-        for i, init in enumerate(was_initialized):
+        inner = torch.zeros((), device=self.layout.device)
+        for i, (d_sq_prev, was_initialized) in enumerate(previous):
             if theta == 1.0:
                 term = dots[i] * (1.0 if inv is None else inv)
             else:
-                term = d_sq_seg[i] + (1 - theta) ** 2 * d_sq_prev[i] - theta**2 * g_sq_seg[i] * inv_sq
+                term = d_sq_seg[i] + (1 - theta) ** 2 * d_sq_prev - theta**2 * g_sq_seg[i] * inv_sq
                 term = term / (2 * (1 - theta))
-            inner = inner + torch.where(init, term, 0.0)
-        denom = d_sq_seg.sum().sqrt() * torch.stack(d_sq_prev).sum().sqrt()
+            inner = inner + torch.where(was_initialized, term, 0.0)
+        denom = d_sq_seg.sum().sqrt() * torch.stack([p for p, _ in previous]).sum().sqrt()
         valid = finite & (denom > 0)
         return torch.where(valid, inner / denom, 0.0).clamp(-1.0, 1.0), valid
-
-    def _geometry_sq_norm(self) -> torch.Tensor:
-        total = torch.zeros((), device=self._device)
-        for group, geometry in zip(self._groups, self._geometries):
-            active = [i for i in group.indices if self.d[i] is not None]
-            if active:
-                total = total + geometry.sq_norm([_local(self.params[i]) for i in active], [self.d[i] for i in active])
-        return self._all_reduce(total) if self._group is not None else total
 
     @torch.no_grad()
     def perturb(self) -> None:
@@ -361,20 +339,19 @@ class VassoUpdate:
             raise RuntimeError("VASSO: perturb() called twice without restore(); the saved weights would be lost.")
         if self._scales is None:
             raise RuntimeError("VASSO: perturb() needs this step's absorb_gradient() first.")
-        local = self._active_weights()
-        torch._foreach_copy_(self._work_views, local)
+        local_weights = self.layout.active_weights()
+        torch._foreach_copy_(self.layout.work_views, local_weights)
         self.perturbed = True
-        if self._single_plain:
-            self._geometries[0].perturb_(local, self._active_d(), self._scales)
+        if len(self._groups) == 1:
+            self._groups[0].geometry.perturb_(local_weights, self.layout.active_d(), self._scales)
         else:
-            for group, geometry in zip(self._groups, self._geometries):
-                active = [i for i in group.indices if self.d[i] is not None]
-                if active:
-                    scales = [self._scales[self._position[i]] for i in active]
-                    geometry.perturb_([_local(self.params[i]) for i in active], [self.d[i] for i in active], scales)
-        for i in self._active:
+            position = self.layout.position
+            for weights, d, group in self._active_by_group():
+                scales = [self._scales[position[i]] for i in group.indices if self.d[i] is not None]
+                group.geometry.perturb_(weights, d, scales)
+        for i in self.layout.active:
             self.params[i].grad = None
-        self._window[_W["moved"]] += self._moved.float()
+        self._window.add(moved=self._moved.float())
         self._guard_pending = True
 
     @torch.no_grad()
@@ -385,7 +362,7 @@ class VassoUpdate:
         """
         if not self.perturbed:
             return
-        torch._foreach_copy_(self._active_weights(), self._work_views)
+        torch._foreach_copy_(self.layout.active_weights(), self.layout.work_views)
         self.perturbed = False
 
     @torch.no_grad()
@@ -405,22 +382,17 @@ class VassoUpdate:
         if not self._guard_pending:
             return
         self._guard_pending = False
-        grads = [self.params[i].grad for i in self._active if self.params[i].grad is not None]
-        if self._has_dtensor:
-            grads = [_local(g) for g in grads]
+        grads = [local(self.params[i].grad) for i in self.layout.active if self.params[i].grad is not None]
         if grads:
             sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
         else:
-            sq = torch.zeros((), device=self._device)
-        if self._group is not None:
-            sq = self._all_reduce(sq)
-        finite = torch.isfinite(sq)
+            sq = torch.zeros((), device=self.layout.device)
+        finite = torch.isfinite(self._reduction.sum_over_ranks(sq))
         if grad_scale is None:
             nonfinite = ~finite
             for g in grads:
                 g.masked_fill_(nonfinite, 0.0)
-        self._window[_W["guarded"]] += 1
-        self._window[_W["perturbed_nonfinite"]] += (~finite).float()
+        self._window.add(guarded=1.0, perturbed_nonfinite=(~finite).float())
 
     def record_losses(self, clean_loss: torch.Tensor | None, perturbed_loss: torch.Tensor | None) -> None:
         """Add this step's loss before and after the perturbation (device tensors) to the metric window.
@@ -432,111 +404,11 @@ class VassoUpdate:
             return
         perturbed = perturbed_loss.detach().float().reshape(())
         ok = self._moved & torch.isfinite(perturbed)
-        self._window[_W["perturbed_loss"]] += torch.where(ok, perturbed, 0.0)
-        self._window[_W["perturbed_count"]] += ok.float()
+        self._window.add(perturbed_loss=torch.where(ok, perturbed, 0.0), perturbed_count=ok.float())
         if clean_loss is not None:
             clean = clean_loss.detach().float().reshape(())
             ok = ok & torch.isfinite(clean)
-            self._window[_W["sharpness"]] += torch.where(ok, perturbed - clean, 0.0)
-            self._window[_W["sharpness_count"]] += ok.float()
-
-    # ------------------------------------------------------------------ the trainable set and buffers
-
-    def _sync_trainable_set(self) -> None:
-        """Follow the requires_grad flags: a host-side check, and a repack of the flat buffers when they changed."""
-        flags = tuple(p.requires_grad for p in self.params)
-        if flags == self._flags:
-            return
-        active = [i for i, f in enumerate(flags) if f]
-        if not active:
-            raise ValueError("VASSO found no parameter with requires_grad=True: there is nothing to perturb.")
-        keep = set(active)
-        old_d = list(self.d)
-        cohorts = [(s.indices, s.initialized, s.d_sq) for s in self._segments]
-        cohorts = [([i for i in idx if i in keep], init, d_sq) for idx, init, d_sq in cohorts]
-        cohorts = [c for c in cohorts if c[0]]
-        known = {i for idx, _, _ in cohorts for i in idx}
-        fresh = [i for i in active if i not in known]
-        if fresh:
-            zero = torch.zeros((), device=self._device)
-            cohorts.append((fresh, torch.zeros((), dtype=torch.bool, device=self._device), zero))
-        # The dropped parameters' d shrink the cohort norms: recompute them from d once, here.
-        self._build(cohorts, {i: old_d[i] for i in known})
-        self._flags = flags
-
-    def _build(self, cohorts: list[tuple[list[int], torch.Tensor, torch.Tensor]], d_values: dict) -> None:
-        """Lay out the flat d buffer cohort by cohort, copying the given d values (others start at zero)."""
-        order = [i for idx, _, _ in cohorts for i in idx]
-        devices = {_local(self.params[i]).device for i in order}
-        if len(devices) > 1:
-            raise NotImplementedError(
-                f"hf_vasso needs every trainable parameter on one device, found {sorted(map(str, devices))}: "
-                "a model split over devices (device_map) is not supported; use DDP or FSDP2."
-            )
-        sizes = [_local(self.params[i]).numel() for i in order]
-        self._d_flat = torch.zeros(sum(sizes), dtype=torch.float32, device=self._device)
-        views = self._d_flat.split(sizes) if sizes else []
-        self.d = [None] * len(self.params)
-        for i, v in zip(order, views):
-            self.d[i] = v.view(_local(self.params[i]).shape)
-        copies = [(self.d[i], d_values[i]) for i in order if d_values.get(i) is not None]
-        if copies:
-            torch._foreach_copy_([a for a, _ in copies], [b.to(self._device) for _, b in copies])
-        self._segments, start = [], 0
-        for idx, init, _ in cohorts:
-            end = start + sum(_local(self.params[i]).numel() for i in idx)
-            d_sq = torch.linalg.vector_norm(self._d_flat[start:end]).square()
-            self._segments.append(_Segment(idx, start, end, init, d_sq))
-            start = end
-        if self._group is not None and self._segments:
-            d_sq = self._all_reduce(torch.stack([s.d_sq for s in self._segments]))
-            for i, s in enumerate(self._segments):
-                s.d_sq = d_sq[i]
-        self._active = order
-        self._position = {i: k for k, i in enumerate(order)}
-        self._local_cache = None
-        self._work = None
-        self._work_views = []
-        self._scales = None
-
-    def _work_buffer(self) -> torch.Tensor:
-        if self._work is None:
-            self._work = torch.empty_like(self._d_flat)
-            sizes = [d.numel() for d in self._active_d()]
-            self._work_views = [v.view(d.shape) for v, d in zip(self._work.split(sizes), self._active_d())]
-        return self._work
-
-    def _active_weights(self) -> list[torch.Tensor]:
-        """The weights of this step's active parameters (local shards; cached unless sharded: FSDP2 may swap them)."""
-        if self._local_cache is None or self._has_dtensor:
-            self._local_cache = [_local(self.params[i]) for i in self._active]
-        return self._local_cache
-
-    def _active_d(self) -> list[torch.Tensor]:
-        return [self.d[i] for i in self._active]
-
-    def _copy_gradients_into(self, work: torch.Tensor) -> None:
-        """work <- the pass-1 gradient (fp32), zeros for trainable parameters without one this step."""
-        sources, targets, missing = [], [], []
-        strided = torch.strided
-        for i, view in zip(self._active, self._work_views):
-            grad = self.params[i].grad
-            if grad is None:
-                missing.append(view)
-                continue
-            if grad.layout is not strided:  # a host-side attribute: no sync
-                raise ValueError(
-                    f"Parameter {self._name(i)} has a sparse gradient: VASSO needs dense gradients (its norm and EMA "
-                    "are dense). Use a dense embedding (nn.Embedding(sparse=False)) and a dense optimizer."
-                )
-            sources.append(grad)
-            targets.append(view)
-        if self._has_dtensor:
-            sources = [_local(g) for g in sources]
-        if sources:
-            torch._foreach_copy_(targets, sources)
-        if missing:
-            torch._foreach_zero_(missing)
+            self._window.add(sharpness=torch.where(ok, perturbed - clean, 0.0), sharpness_count=ok.float())
 
     # ------------------------------------------------------------------ metrics and state
 
@@ -548,51 +420,40 @@ class VassoUpdate:
         Args:
             reduce: averages the window over processes first, e.g. `lambda t: accelerator.reduce(t, "mean")`.
         """
-        window = self._window.clone() if reduce is None else reduce(self._window.clone())
-        self._window.zero_()
-        s = dict(zip(_WINDOW, window.tolist()))
-        if s["steps"] == 0:
-            return {}
-        metrics = {
-            "vasso/adversary_fraction": s["moved"] / s["steps"],
-            "vasso/nonfinite_fraction": s["nonfinite"] / s["steps"],
-        }
-        ratios = [
-            ("vasso/grad_norm", "grad_norm", s["steps"] - s["nonfinite"]),
-            ("vasso/d_norm", "d_norm", s["d_count"]),
-            ("vasso/adversary_cosine", "cos", s["cos_count"]),
-            ("vasso/perturbed_loss", "perturbed_loss", s["perturbed_count"]),
-            ("vasso/sharpness", "sharpness", s["sharpness_count"]),
-            ("vasso/perturbed_nonfinite_fraction", "perturbed_nonfinite", s["guarded"]),
-        ]
-        for key, total, count in ratios:
-            if count > 0:
-                metrics[key] = s[total] / count
-        return metrics
+        return self._window.pop(reduce)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue bit for bit (the coin stream is a function of the step).
 
-        `d` holds one fp32 tensor per parameter (None for parameters without d), `segments` the flat layout and
-        which cohorts have seen their first gradient; one host sync (a save is not on the hot path).
+        `format` is `STATE_FORMAT`; `d` holds one fp32 tensor per parameter (this rank's shard; None for parameters
+        without d), `segments` the flat layout and which cohorts have seen their first gradient; one host sync (a
+        save is not on the hot path).
 
         Raises:
             RuntimeError: the weights are perturbed.
         """
-        if self.perturbed:
-            raise RuntimeError("VASSO state saved while the weights are perturbed; call restore() first.")
-        initialized = [bool(s.initialized.item()) for s in self._segments]
-        return {
-            "format": STATE_FORMAT,
-            "step": self.step,
-            "d": [None if d is None else d.clone() for d in self.d],
-            "segments": [{"params": list(s.indices), "initialized": f} for s, f in zip(self._segments, initialized)],
-            "initialized": all(initialized),
-            "param_names": self.param_names,
-            **self._hyperparameters(),
-        }
+        return save_state(self)
 
-    def _hyperparameters(self) -> dict[str, Any]:
+    def validate_state_dict(self, state: Any, expected_step: int | None = None) -> None:
+        """Check a saved state against this run before anything is loaded; one host sync (the finiteness check).
+
+        Raises:
+            ValueError: unknown or old format, other parameters (count, names, shapes), a step that is not
+                `expected_step`, or non-finite values; the message says what is wrong.
+        """
+        validate_state(self, state, expected_step)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any], expected_step: int | None = None) -> None:
+        """Validate (`validate_state_dict`), then load. Changed hyperparameters are allowed and logged as warnings.
+
+        Raises:
+            ValueError: see `validate_state_dict`; nothing is loaded then.
+            RuntimeError: the weights are perturbed.
+        """
+        load_state(self, state, expected_step)
+
+    def hyperparameters(self) -> dict[str, Any]:
         """What a resume may change (with a warning): saved with the state, compared when it is loaded."""
         return {
             "rho": self.rho,
@@ -604,108 +465,18 @@ class VassoUpdate:
             "group_adaptive": [g.adaptive for g in self._groups],
         }
 
-    def validate_state_dict(self, state: Any, expected_step: int | None = None) -> None:
-        """Check a saved state against this run before anything is loaded; one host sync (the finiteness check).
-
-        Raises:
-            ValueError: unknown or old format, other parameters (count, names, shapes), a step that is not
-                `expected_step`, or non-finite values; the message says what is wrong.
-        """
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            found = state.get("format", "no format tag") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                f"This is not a VASSO state in the format {STATE_FORMAT!r} (found {found!r}): it was written by "
-                "another program or an older hf_vasso. Resume from a checkpoint written by this version, or start "
-                "d afresh."
-            )
-        missing = [k for k in ("step", "d", "segments", "param_names") if k not in state]
-        if missing:
-            raise ValueError(f"The VASSO state lacks {', '.join(missing)}: the file is incomplete.")
-        step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"The VASSO state's step {step!r} is not a step count.")
-        if expected_step is not None and step != expected_step:
-            raise ValueError(
-                f"The VASSO state is at step {step} but the checkpoint is at step {expected_step}: the state file "
-                "belongs to another checkpoint (its d and eVASSO coin stream would be shifted)."
-            )
-        d = state["d"]
-        if not isinstance(d, list) or len(d) != len(self.params):
-            count = len(d) if isinstance(d, list) else type(d).__name__
-            raise ValueError(
-                f"The VASSO state holds {count} tensors, which do not match the {len(self.params)} parameters of this "
-                "model: resume with the same model, adapters and parameters."
-            )
-        names = state["param_names"]
-        if self.param_names is not None and names is not None and list(names) != self.param_names:
-            diff = next((a, b) for a, b in zip(list(names) + [None], self.param_names + [None]) if a != b)
-            raise ValueError(
-                f"The VASSO state was written for other parameters (saved {diff[0]!r}, here {diff[1]!r})."
-            )
-        for i, t in enumerate(d):
-            if t is None:
-                continue
-            shape = tuple(_local(self.params[i]).shape)
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
-                what = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"The VASSO state's d for {self._name(i)} is {what}, expected a float {shape}.")
-        seen: set[int] = set()
-        for seg in state["segments"]:
-            idx = seg.get("params") if isinstance(seg, dict) else None
-            if not isinstance(idx, list) or not isinstance(seg.get("initialized"), bool):
-                raise ValueError("The VASSO state's segments are malformed.")
-            for i in idx:
-                if not isinstance(i, int) or not 0 <= i < len(self.params) or i in seen or d[i] is None:
-                    raise ValueError(f"The VASSO state's segments name parameter {i!r} without a d of its own.")
-                seen.add(i)
-        if seen != {i for i, t in enumerate(d) if t is not None}:
-            raise ValueError("The VASSO state's segments do not cover its d tensors.")
-        tensors = [t for t in d if t is not None]
-        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-            bad = next(self._name(i) for i, t in enumerate(d) if t is not None and not torch.isfinite(t).all())
-            raise ValueError(
-                f"The VASSO state holds non-finite values in d (first: {bad}): the run it saved diverged."
-            )
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any], expected_step: int | None = None) -> None:
-        """Validate (`validate_state_dict`), then load. Changed hyperparameters are allowed and logged as warnings.
-
-        Raises:
-            ValueError: see `validate_state_dict`; nothing is loaded then.
-            RuntimeError: the weights are perturbed.
-        """
-        if self.perturbed:
-            raise RuntimeError("VASSO state loaded while the weights are perturbed; call restore() first.")
-        self.validate_state_dict(state, expected_step)
-        for key, new in self._hyperparameters().items():
-            old = state.get(key)
-            if old is not None and old != new:
-                logger.warning(f"VASSO hyperparameter {key} changed at resume: {old} → {new} (the new value is used).")
-        cohorts = [
-            (list(seg["params"]), torch.tensor(seg["initialized"], device=self._device), self._zero)
-            for seg in state["segments"]
-        ]
-        self._build(cohorts, {i: t for i, t in enumerate(state["d"]) if t is not None})
-        # The layout is the saved one; the next step re-checks the flags against it.
-        self._flags = tuple(i in set(self._active) for i in range(len(self.params)))
-        self.step = state["step"]
-
     @property
     def _d_sq(self) -> torch.Tensor:
-        """||d||² over all cohorts (all-reduced over the shard group), as of the last step or load."""
-        return torch.stack([s.d_sq for s in self._segments]).sum()
+        """||d||² over all cohorts (summed over ranks), as of the last step or load."""
+        return torch.stack([s.d_sq for s in self.layout.segments]).sum()
 
     def state_bytes(self) -> int:
         """Bytes VASSO keeps beside the model: d and the work buffer (saved weights), both fp32."""
-        return 2 * self._d_flat.numel() * self._d_flat.element_size()
+        return self.layout.state_bytes()
 
-    def _name(self, i: int) -> str:
+    def name(self, i: int) -> str:
+        """Parameter `i`'s name for messages."""
         return self.param_names[i] if self.param_names else f"parameter #{i}"
-
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        torch.distributed.all_reduce(t, group=self._group)
-        return t
 
 
 def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:

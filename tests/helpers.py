@@ -267,3 +267,17 @@ def assert_png(path: str) -> None:
 def assert_provenance(md: str, script: str) -> None:
     assert f"Command: `python {script} --quick" in md
     assert "Machine:" in md and "torch " in md
+
+
+def use_geometry(monkeypatch, key: str) -> bool:
+    """The `adaptive` switch value that makes the engine build adversary geometry `key` (a key of
+    `hf_vasso.adversary.GEOMETRIES`). A registered geometry that no switch reaches yet is routed through
+    `adaptive=True` for the test, so every registered geometry runs the identity tests parametrised over the registry.
+    """
+    from hf_vasso.adversary import ADAPTIVE_SWITCH
+
+    for value, selected in ADAPTIVE_SWITCH.items():
+        if selected == key:
+            return value
+    monkeypatch.setitem(ADAPTIVE_SWITCH, True, key)
+    return True

@@ -7,10 +7,11 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import make_data, make_model, weights
+from helpers import make_data, make_model, use_geometry, weights
 from torch import nn
 
 from hf_vasso import VASSO, VassoUpdate
+from hf_vasso.adversary import GEOMETRIES
 from hf_vasso.update import STATE_FORMAT, adversary_coin
 
 
@@ -30,13 +31,13 @@ class SkippingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def nan_run(dtype, steps=10, nan_step=3, nan_passes=(1, 2)):
-    """The issue's input: a 6-16-1 tanh MLP, SkippingSGD wrapped in VASSO(rho=0.05, theta=0.4), the loss multiplied
-    by NaN on step `nan_step` (1-based) in the given passes."""
+def nan_run(dtype, steps=10, nan_step=3, nan_passes=(1, 2), base=SkippingSGD, after_step=None):
+    """The issue's input: a 6-16-1 tanh MLP, `base` (SkippingSGD) wrapped in VASSO(rho=0.05, theta=0.4), the loss
+    multiplied by NaN on step `nan_step` (1-based) in the given passes; `after_step(model)` runs after each step."""
     x, y = make_data()
     x, y = x.to(dtype), y.to(dtype)
     model = make_model().to(dtype)
-    optimizer = VASSO(SkippingSGD(model.parameters(), lr=0.1), rho=0.05, theta=0.4)
+    optimizer = VASSO(base(model.parameters(), lr=0.1), rho=0.05, theta=0.4)
     d_finite = []
     for step in range(1, steps + 1):
         for pass_ in (1, 2):
@@ -48,6 +49,8 @@ def nan_run(dtype, steps=10, nan_step=3, nan_passes=(1, 2)):
                 optimizer.first_step(zero_grad=True)
                 d_finite.append(all(torch.isfinite(d).all() for d in optimizer.vasso.d))
         optimizer.second_step(zero_grad=True)
+        if after_step is not None:
+            after_step(model)
     return model, optimizer, d_finite
 
 
@@ -76,10 +79,21 @@ def test_nonfinite_pass_one_never_enters_d_nor_perturbs(dtype):
 
 
 def test_nonfinite_pass_two_only_never_reaches_the_weights():
-    """Finite at x, NaN at x + ε: without a scaler the step's gradient becomes zeros (plain SGD: no move)."""
-    model, optimizer, d_finite = nan_run(torch.float32, steps=4, nan_step=2, nan_passes=(2,))
+    """Finite at x, NaN at x + ε: without a scaler the step's gradient becomes zeros, so plain SGD (which, unlike
+    `SkippingSGD`, would step with the NaN) leaves the weights exactly as they were on that step, and only then."""
+    snapshots = []
+    model, optimizer, d_finite = nan_run(
+        torch.float32,
+        steps=4,
+        nan_step=2,
+        nan_passes=(2,),
+        base=torch.optim.SGD,
+        after_step=lambda m: snapshots.append(weights(m)),
+    )
     assert all(d_finite)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    moved = [any(not torch.equal(a[n], b[n]) for n in a) for a, b in zip(snapshots, snapshots[1:])]
+    assert moved == [False, True, True]  # step 2 (the NaN) left the weights alone; steps 3 and 4 moved them
     metrics = optimizer.pop_metrics()
     assert metrics["vasso/perturbed_nonfinite_fraction"] == pytest.approx(0.25)
     assert metrics["vasso/nonfinite_fraction"] == 0.0
@@ -309,20 +323,34 @@ def test_adversary_cosine_is_between_successive_eps(theta):
         assert cos == pytest.approx(expected, abs=1e-5)
 
 
-def test_state_format_tag():
+def test_state_format_tag(tmp_path):
+    """A saved state carries the format tag through a file and loads; another tag (a future or older format) or
+    none is refused before anything loads."""
     _, update = trained_update()
-    assert update.state_dict()["format"] == STATE_FORMAT
-    assert weights(make_model()).keys()  # helpers stay importable
+    torch.save(update.state_dict(), tmp_path / "vasso_state.pt")
+    state = torch.load(tmp_path / "vasso_state.pt", weights_only=True)
+    assert state["format"] == STATE_FORMAT and STATE_FORMAT.startswith("hf_vasso.VassoUpdate/")
+    fresh = VassoUpdate(make_model().parameters(), rho=0.1, theta=0.4)
+    fresh.load_state_dict(state, expected_step=3)
+    assert fresh.step == 3
+    for tag in ("hf_vasso.VassoUpdate/3", "hf_vasso.VassoUpdate/1", STATE_FORMAT + " "):
+        other = VassoUpdate(make_model().parameters(), rho=0.1, theta=0.4)
+        with pytest.raises(ValueError, match=f"format {STATE_FORMAT!r} \\(found {tag!r}\\)"):
+            other.load_state_dict(dict(state, format=tag))
+        assert other.step == 0 and all(not d.any() for d in other.d)
 
 
-@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
-def test_hot_path_never_reads_a_tensor_value_on_the_host(monkeypatch, adaptive):
-    """absorb/perturb/restore/guard/record_losses decide on the device: any host read of a tensor value raises here
-    (through a GradScaler scale, a NaN step, a per-group rho and a change of the trainable set)."""
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_hot_path_never_reads_a_tensor_value_on_the_host(monkeypatch, geometry):
+    """absorb/perturb/restore/guard/record_losses decide on the device, for every registered geometry: any host read
+    of a tensor value raises here (through a GradScaler scale, a NaN step, a per-group rho and a change of the
+    trainable set)."""
+    adaptive = use_geometry(monkeypatch, geometry)
     x, y = make_data()
     model = make_model()
     groups = [{"params": list(model.net[0].parameters()), "rho": 0.2}, {"params": list(model.net[-1].parameters())}]
     update = VassoUpdate(groups, rho=0.1, theta=0.4, adaptive=adaptive)
+    assert {type(g) for g in update.geometries} == {GEOMETRIES[geometry]}
 
     def host_read(*args, **kwargs):
         raise AssertionError("host read of a tensor value on the hot path")

@@ -80,7 +80,7 @@ def main() -> None:
 
     vasso_ref = VassoUpdate(params_ref, rho=RHO, theta=THETA)
     vasso_sh = VassoUpdate(params_sh, rho=RHO, theta=THETA)
-    assert vasso_ref._group is None and vasso_sh._group is not None
+    assert not vasso_ref._reduction.needed and vasso_sh._reduction.needed
     opt_ref = torch.optim.SGD(params_ref, lr=LR)
     opt_sh = torch.optim.SGD(params_sh, lr=LR)
     loss_fn = nn.functional.mse_loss
