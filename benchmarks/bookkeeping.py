@@ -32,11 +32,12 @@ divided by the trainable bytes, its bytes in units of the weights). The floor fo
 guards is about 10 passes: the EMA fused with its norm (read d and g, write d: 3), the save (2), the perturbation (3),
 the restore (2).
 
-Memory: one runner built and stepped twice under the torch profiler with `profile_memory=True`; the CPU allocator
-reports every allocation and free with its running total, so a temporary that lives only inside one op counts too
-(a GPU reads `torch.cuda.max_memory_allocated`). Persistent state: the bytes still allocated after a step (the
-state held between steps; `state_bytes()` for hf_vasso is printed beside it); peak extra: the highest total during
-the second step, state included. Both over the trainable-parameter bytes.
+Memory: one runner built and stepped twice under the torch profiler with `profile_memory=True`
+(`tests/helpers.py::allocated_per_phase`); the CPU allocator reports every allocation and free with its running
+total, so a temporary that lives only inside one op counts too (a GPU reads `torch.cuda.max_memory_allocated`).
+Persistent state: the bytes still allocated after a step (the state held between steps; `state_bytes()` for hf_vasso
+is printed beside it); peak extra: the highest total during the second step, state included. Both over the
+trainable-parameter bytes.
 
     python benchmarks/bookkeeping.py            # a few minutes on 2 CPU cores (one torch thread)
     python benchmarks/bookkeeping.py --quick    # seconds: checks the pipeline (its figures mean nothing)
@@ -62,7 +63,7 @@ from torch.utils._pytree import tree_flatten
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
 import _common  # noqa: E402  (provenance of the results)
-import helpers  # noqa: E402  (the tiny Llama and the ViT builders)
+import helpers  # noqa: E402  (the tiny Llama and the ViT builders, the allocator's account)
 
 sys.path.insert(0, _common.REPO)  # the hf_vasso of this checkout, not an installed copy
 
@@ -327,27 +328,6 @@ def count_passes(runner, params, g, h) -> PassCounter:
 # ------------------------------------------------------------------ memory
 
 
-def _allocations(prof) -> dict[str, list[tuple[int, int, int]]]:
-    """(time ns, bytes, allocator's running total) of every allocation (+) and free (-) the CPU allocator reported,
-    by the `record_function` range ("build", "step 1", "step 2") they happened in."""
-    from torch._C._profiler import _EventType
-
-    found: dict[str, list] = {}
-    stack = [(node, None) for node in prof.profiler.kineto_results.experimental_event_tree()]
-    while stack:
-        node, phase = stack.pop()
-        if node.name in _PHASES:
-            phase = node.name
-        stack.extend((child, phase) for child in node.children)
-        if node.tag == _EventType.Allocation and phase is not None:
-            e = node.extra_fields
-            found.setdefault(phase, []).append((node.start_time_ns, e.alloc_size, e.total_allocated))
-    return {phase: sorted(events) for phase, events in found.items()}
-
-
-_PHASES = ("build", "step 1", "step 2")
-
-
 def measure_memory(name, params, g, h, adaptive, device) -> tuple[int, int, int | None]:
     """(persistent state bytes, peak extra bytes during a step, `state_bytes()` or None) of a fresh runner.
 
@@ -364,24 +344,20 @@ def measure_memory(name, params, g, h, adaptive, device) -> tuple[int, int, int 
         step(runner, params, g, h)
         sync(device)
         return held, torch.cuda.max_memory_allocated() - start, runner.state_bytes()
-    from torch.profiler import ProfilerActivity, profile, record_function
+    built = {}
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with record_function("build"):
-            runner = Runner(name, params, adaptive)
-        for phase in _PHASES[1:]:
-            with record_function(phase):
-                step(runner, params, g, h)
-    events = _allocations(prof)
-    ordered = [e for phase in _PHASES for e in events.get(phase, [])]
-    if not ordered:
-        return 0, 0, runner.state_bytes()
-    # The running total counts what the allocator saw while profiling; it starts at the first event.
-    base = ordered[0][2] - ordered[0][1]
-    before_second = [e for phase in _PHASES[:2] for e in events.get(phase, [])]
-    held = (before_second[-1][2] if before_second else ordered[0][2] - ordered[0][1]) - base
-    peak = max((total - base for _, _, total in events.get("step 2", [])), default=held)
-    return held, max(peak, held), runner.state_bytes()
+    def build():
+        built["runner"] = Runner(name, params, adaptive)
+
+    phases = {
+        "build": build,
+        "step 1": lambda: step(built["runner"], params, g, h),
+        "step 2": lambda: step(built["runner"], params, g, h),
+    }
+    memory = helpers.allocated_per_phase(phases)
+    held = memory["step 1"][0]
+    peak = memory["step 2"][1]
+    return held, max(peak, held), built["runner"].state_bytes()
 
 
 # ------------------------------------------------------------------ one configuration

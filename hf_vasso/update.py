@@ -14,10 +14,11 @@ require gradients at that step (the full specification is `docs/algorithm.md`):
 synchronises host and device on the training path: every decision that depends on a tensor value (a non-finite
 gradient, a zero norm, a parameter's first step) is a `torch.where` on the device.
 
-The pieces: `flat_layout.py` (d and the work buffer, flat fp32 over the trainable set, cohort by cohort),
-`sharding.py` (local shards and the cross-rank sum of the norms), `adversary.py` (the geometries), `metrics.py` (the
-`vasso/*` window) and `state.py` (the checkpoint). VASSO keeps 8 bytes per trainable parameter, 2x the weights in
-fp32; flat buffers make the per-step work a handful of kernels whatever the number of tensors.
+The pieces: `flat_layout.py` (d, flat fp32 over the trainable set cohort by cohort, and the saved weights in their
+own dtype), `sharding.py` (local shards and the cross-rank sum of the norms), `adversary.py` (the geometries),
+`metrics.py` (the `vasso/*` window) and `state.py` (the checkpoint). VASSO keeps d and the saved weights: 2.0x the
+trainable bytes for fp32 weights, 3.0x for bf16; during a step it allocates at most one tensor's worth of fp32 more.
+Flat buffers make the per-step work a handful of kernels whatever the number of tensors.
 """
 
 from __future__ import annotations
@@ -224,16 +225,13 @@ class VassoUpdate:
             raise RuntimeError("VASSO: absorb_gradient() called while the weights are perturbed; call restore().")
         self.layout.sync()
         self._guard_pending = False
-        work = self.layout.copy_gradients_into_work()
+        grads = self.layout.gradients()
         inv = None if grad_scale is None else grad_scale.float().reciprocal()
-        ranges = self.layout.ranges()
-        g_sq_seg = self._reduction.cohort_sq_norms(work, ranges)
-        # <g, d_{t-1}> per cohort: for theta = 1 the cosine metric does not follow from norms alone.
-        dots = self._reduction.cohort_dots(work, self.layout.d_flat, ranges) if self._cosine_needs_dots else None
+        g_sq_seg = self._cohort_grad_sq(grads)
         finite = torch.isfinite(g_sq_seg.sum())
         previous = [(s.d_sq, s.initialized) for s in self.layout.segments]
-        self._fold_ema(work, finite, inv)
-        d_sq_seg = self.layout.refresh_d_sq()
+        d_sq_seg, dots = self._fold_ema(grads, finite, inv)
+        self.layout.set_d_sq(d_sq_seg)
         self._set_scales(finite, d_sq_seg.sum())
         self.step += 1
         self._record_step(g_sq_seg, d_sq_seg, previous, dots, inv, finite)
@@ -242,22 +240,61 @@ class VassoUpdate:
     def _cosine_needs_dots(self) -> bool:
         return self._cosine and self.theta == 1.0
 
-    def _fold_ema(self, work: torch.Tensor, finite: torch.Tensor, inv: torch.Tensor | None) -> None:
-        """d <- (1 - theta) d + theta g per cohort; d <- g on a cohort's first finite step; d unchanged if g is not
-        finite (decided on the device)."""
-        # Make the copied gradient finite, so that its product with take = 0 on a non-finite step is 0 (0 * inf
-        # would be NaN): d then stays exactly itself. On finite steps this changes nothing.
-        work.nan_to_num_(0.0, 0.0, 0.0)
-        theta = self.theta
+    def _cohort_grad_sq(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """||g||² per cohort (fp32, summed over ranks), from one norm per tensor: the finiteness test reads g once."""
+        position = self.layout.position
+        present = [(k, g) for k, g in enumerate(grads) if g is not None]
+        norms = torch._foreach_norm([g for _, g in present], 2, dtype=torch.float32) if present else []
+        by_position = dict(zip((k for k, _ in present), norms))
+        zero = torch.zeros((), device=self.layout.device)
+        per_cohort = []
         for s in self.layout.segments:
+            mine = [by_position[position[i]] for i in s.indices if position[i] in by_position]
+            per_cohort.append(torch.stack(mine).square().sum() if mine else zero)
+        return self._reduction.sum_over_ranks(torch.stack(per_cohort))
+
+    def _fold_ema(
+        self, grads: list[torch.Tensor | None], finite: torch.Tensor, inv: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """d <- (1 - theta) d + theta g per cohort; d <- g on a cohort's first finite step; d unchanged if g is not
+        finite (decided on the device). Returns ||d||² per cohort and, for theta = 1, <g, d_{t-1}> per cohort (both
+        summed over ranks).
+
+        The gradient goes through the scratch space tile by tile (`FlatLayout.absorb_tiles`): copied in fp32 (p.grad
+        is left as it is) and made finite, so that its product with take = 0 on a non-finite step is 0 (0 * inf
+        would be NaN) and d stays exactly itself; on finite steps the cleaning changes nothing.
+        """
+        theta = self.theta
+        segments = self.layout.segments
+        factors = []
+        for s in segments:
             # d*(1-theta) then d + theta*g: bit-identical to the official d.mul_(1-theta).add_(g, alpha=theta).
             # A first step uses keep=1, take=1 on d=0 (d <- g exactly); a non-finite step keep=1, take=0.
             keep = torch.where(finite & s.initialized, 1.0 - theta, 1.0)
             take = torch.where(finite, torch.where(s.initialized, theta, 1.0), 0.0)
-            if inv is not None:
-                take = take * inv
-            self.layout.d_flat[s.start : s.end].mul_(keep).addcmul_(work[s.start : s.end], take)
+            factors.append((keep, take if inv is None else take * inv))
+        by_param = {i: g for i, g in zip(self.layout.active, grads)}
+        d_norms: list[list[torch.Tensor]] = [[] for _ in segments]
+        dots: list[list[torch.Tensor]] = [[] for _ in segments]
+        scratch = self.layout.scratch()
+        for tile in self.layout.absorb_tiles():
+            work = scratch[: tile.end - tile.start]
+            d = self.layout.d_flat[tile.start : tile.end]
+            self.layout.copy_gradient_into(tile, by_param)
+            if self._cosine_needs_dots:
+                dots[tile.segment].append(torch.dot(work, d))
+            work.nan_to_num_(0.0, 0.0, 0.0)
+            keep, take = factors[tile.segment]
+            d.mul_(keep).addcmul_(work, take)
+            d_norms[tile.segment].append(torch.linalg.vector_norm(d))
+        for s in segments:
             s.initialized = s.initialized | finite
+        zero = torch.zeros((), device=self.layout.device)
+        d_sq = [torch.stack(n).square().sum() if len(n) > 1 else (n[0].square() if n else zero) for n in d_norms]
+        d_sq_seg = self._reduction.sum_over_ranks(torch.stack(d_sq))
+        if not self._cosine_needs_dots:
+            return d_sq_seg, None
+        return d_sq_seg, self._reduction.sum_over_ranks(torch.stack([sum(x, zero) for x in dots]))
 
     def _set_scales(self, finite: torch.Tensor, d_sq: torch.Tensor) -> None:
         """This step's rho_group / ||.|| per active tensor: one global norm through the geometries, each group's rho;
@@ -339,16 +376,12 @@ class VassoUpdate:
             raise RuntimeError("VASSO: perturb() called twice without restore(); the saved weights would be lost.")
         if self._scales is None:
             raise RuntimeError("VASSO: perturb() needs this step's absorb_gradient() first.")
-        local_weights = self.layout.active_weights()
-        torch._foreach_copy_(self.layout.work_views, local_weights)
+        torch._foreach_copy_(self.layout.saved_views(), self.layout.active_weights())
         self.perturbed = True
-        if len(self._groups) == 1:
-            self._groups[0].geometry.perturb_(local_weights, self.layout.active_d(), self._scales)
-        else:
-            position = self.layout.position
-            for weights, d, group in self._active_by_group():
-                scales = [self._scales[position[i]] for i in group.indices if self.d[i] is not None]
-                group.geometry.perturb_(weights, d, scales)
+        position = self.layout.position
+        for weights, d, group in self._active_by_group():
+            scales = [self._scales[position[i]] for i in group.indices if self.d[i] is not None]
+            _perturb_in_fp32(group.geometry, weights, d, scales)
         for i in self.layout.active:
             self.params[i].grad = None
         self._window.add(moved=self._moved.float())
@@ -362,7 +395,7 @@ class VassoUpdate:
         """
         if not self.perturbed:
             return
-        torch._foreach_copy_(self.layout.active_weights(), self.layout.work_views)
+        torch._foreach_copy_(self.layout.active_weights(), self.layout.saved_views())
         self.perturbed = False
 
     @torch.no_grad()
@@ -391,7 +424,7 @@ class VassoUpdate:
         if grad_scale is None:
             nonfinite = ~finite
             for g in grads:
-                g.masked_fill_(nonfinite, 0.0)
+                _as_words(g).masked_fill_(nonfinite, 0)
         self._window.add(guarded=1.0, perturbed_nonfinite=(~finite).float())
 
     def record_losses(self, clean_loss: torch.Tensor | None, perturbed_loss: torch.Tensor | None) -> None:
@@ -471,12 +504,64 @@ class VassoUpdate:
         return torch.stack([s.d_sq for s in self.layout.segments]).sum()
 
     def state_bytes(self) -> int:
-        """Bytes VASSO keeps beside the model: d and the work buffer (saved weights), both fp32."""
+        """Bytes VASSO keeps beside the model: d (fp32) and the saved weights (in their own dtype): 2.0x the trainable
+        bytes for fp32 weights, 3.0x for bf16."""
         return self.layout.state_bytes()
 
     def name(self, i: int) -> str:
         """Parameter `i`'s name for messages."""
         return self.param_names[i] if self.param_names else f"parameter #{i}"
+
+
+def _perturb_in_fp32(
+    geometry: AdversaryGeometry, weights: list[torch.Tensor], d: list[torch.Tensor], scales: list[torch.Tensor]
+) -> None:
+    """`geometry.perturb_` with every weight in fp32: weights of other dtypes go through an fp32 copy, a batch at a
+    time in one scratch tensor the size of the largest of them, and back (rounded once, as a mixed-dtype op rounds).
+
+    Mixed bf16/fp32 arithmetic on a CPU materialises fp32 copies of its operands, and is several times slower than
+    the same op in one dtype; the copies here are one tensor's worth at most, and all arithmetic is in fp32.
+    """
+    direct = [k for k, w in enumerate(weights) if w.dtype == torch.float32]
+    if direct:
+        geometry.perturb_([weights[k] for k in direct], [d[k] for k in direct], [scales[k] for k in direct])
+    staged = [k for k, w in enumerate(weights) if w.dtype != torch.float32]
+    if not staged:
+        return
+    largest = max(weights[k].numel() for k in staged)
+    scratch = torch.empty(largest, dtype=torch.float32, device=weights[staged[0]].device)
+    batch: list[int] = []
+    used = 0
+    for k in staged + [None]:
+        if k is None or used + weights[k].numel() > scratch.numel():
+            views, offset = [], 0
+            for j in batch:
+                views.append(scratch[offset : offset + weights[j].numel()].view(weights[j].shape))
+                offset += weights[j].numel()
+            chunk = [weights[j] for j in batch]
+            torch._foreach_copy_(views, chunk)
+            geometry.perturb_(views, [d[j] for j in batch], [scales[j] for j in batch])
+            torch._foreach_copy_(chunk, views)
+            batch, used = [], 0
+        if k is not None:
+            batch.append(k)
+            used += weights[k].numel()
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s bytes as 16-byte (or 8-byte) elements where its layout allows it, else `t`.
+
+    `masked_fill_` with a one-element mask writes only where the mask is set, so on a finite step its whole cost is
+    its loop over the elements: over 16-byte words that loop is 4x (fp32) to 8x (bf16) shorter. Zero bits are +0.0.
+    """
+    nbytes = t.numel() * t.element_size()
+    if not t.is_contiguous() or nbytes == 0:
+        return t
+    flat = t.view(-1)
+    for dtype, size in ((torch.complex128, 16), (torch.int64, 8)):
+        if nbytes % size == 0 and (t.storage_offset() * t.element_size()) % size == 0:
+            return flat.view(dtype)
+    return t
 
 
 def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
