@@ -40,7 +40,8 @@ class Tile:
     """A run of the flat d buffer, inside one cohort, that the absorb step works on through the scratch space.
 
     `pieces[k] = (i, a, b)`: elements a..b of parameter i's flattened local tensor, at `scratch[k]` (fp32 views laid
-    end to end from the start of the scratch space) and at `d[start:end]` in the same order.
+    end to end from the start of the scratch space, shaped like the tensor when the piece is all of it) and at
+    `d[start:end]` in the same order.
     """
 
     segment: int
@@ -206,7 +207,9 @@ class FlatLayout:
                         tiles.append(tile)
                         tile = Tile(k, tile.end, tile.end, [])
                     b = min(n, a + capacity - (tile.end - tile.start))
-                    tile.scratch.append(scratch[tile.end - tile.start : tile.end - tile.start + b - a])
+                    view = scratch[tile.end - tile.start : tile.end - tile.start + b - a]
+                    # A whole tensor's scratch takes its shape, so that its gradient copies in without a view op.
+                    tile.scratch.append(view.view(local(self.params[i]).shape) if b - a == n else view)
                     tile.pieces.append((i, a, b))
                     tile.end += b - a
                     a = b
@@ -241,7 +244,8 @@ class FlatLayout:
             if grad is None:
                 missing.append(view)
             else:
-                sources.append(grad.reshape(-1)[a:b])  # a view unless the gradient is not contiguous
+                # A part of a tensor: a view of the gradient unless it is not contiguous.
+                sources.append(grad if view.shape == grad.shape else grad.reshape(-1)[a:b])
                 targets.append(view)
         if sources:
             torch._foreach_copy_(targets, sources)

@@ -378,10 +378,14 @@ class VassoUpdate:
             raise RuntimeError("VASSO: perturb() needs this step's absorb_gradient() first.")
         torch._foreach_copy_(self.layout.saved_views(), self.layout.active_weights())
         self.perturbed = True
-        position = self.layout.position
-        for weights, d, group in self._active_by_group():
-            scales = [self._scales[position[i]] for i in group.indices if self.d[i] is not None]
-            _perturb_in_fp32(group.geometry, weights, d, scales)
+        if len(self._groups) == 1:
+            weights = self.layout.active_weights()
+            _perturb_in_fp32(self._groups[0].geometry, weights, self.layout.active_d(), self._scales)
+        else:
+            position = self.layout.position
+            for weights, d, group in self._active_by_group():
+                scales = [self._scales[position[i]] for i in group.indices if self.d[i] is not None]
+                _perturb_in_fp32(group.geometry, weights, d, scales)
         for i in self.layout.active:
             self.params[i].grad = None
         self._window.add(moved=self._moved.float())
@@ -522,6 +526,9 @@ def _perturb_in_fp32(
     Mixed bf16/fp32 arithmetic on a CPU materialises fp32 copies of its operands, and is several times slower than
     the same op in one dtype; the copies here are one tensor's worth at most, and all arithmetic is in fp32.
     """
+    if all(w.dtype == torch.float32 for w in weights):
+        geometry.perturb_(weights, d, scales)
+        return
     direct = [k for k, w in enumerate(weights) if w.dtype == torch.float32]
     if direct:
         geometry.perturb_([weights[k] for k in direct], [d[k] for k in direct], [scales[k] for k in direct])
@@ -548,14 +555,18 @@ def _perturb_in_fp32(
             used += weights[k].numel()
 
 
+_WORDS_FROM_BYTES = 1 << 16
+
+
 def _as_words(t: torch.Tensor) -> torch.Tensor:
     """`t`'s bytes as 16-byte (or 8-byte) elements where its layout allows it, else `t`.
 
     `masked_fill_` with a one-element mask writes only where the mask is set, so on a finite step its whole cost is
     its loop over the elements: over 16-byte words that loop is 4x (fp32) to 8x (bf16) shorter. Zero bits are +0.0.
+    Small tensors stay as they are: there the two view ops would cost more than the loop they shorten.
     """
     nbytes = t.numel() * t.element_size()
-    if not t.is_contiguous() or nbytes == 0:
+    if nbytes < _WORDS_FROM_BYTES or not t.is_contiguous():
         return t
     flat = t.view(-1)
     for dtype, size in ((torch.complex128, 16), (torch.int64, 8)):

@@ -90,3 +90,30 @@ def test_peak_extra_within_state_plus_largest_tensor(dtype, adaptive):
     temporaries = 2 if (adaptive and dtype == "bf16") else 1
     slack = 64 * 1024  # the metric window, the scalars and the per-tensor norms
     assert peak - state <= temporaries * largest + slack, (peak - state) / largest
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_pass_two_guard_zeroes_large_gradients_through_word_views(dtype):
+    """The pass-2 guard's masked_fill_ runs over 16-byte words for large tensors: a non-finite gradient becomes +0.0
+    everywhere (every tensor, odd sizes included), a finite one is left bit for bit."""
+    torch.manual_seed(0)
+    shapes = [(256, 129), (4099,), (64, 3)]  # one large enough for the word view, one odd-sized, one small
+    params = [torch.nn.Parameter(torch.randn(s, dtype=DTYPES[dtype])) for s in shapes]
+    update = VassoUpdate(params, rho=0.05, theta=0.4)
+    for poison in (False, True):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        update.absorb_gradient()
+        update.perturb()
+        h = [torch.randn_like(p) for p in params]
+        if poison:
+            h[1][7] = float("inf")
+        for p, hi in zip(params, h):
+            p.grad = hi.clone()
+        update.restore()
+        update.guard_perturbed_gradient()
+        for p, hi in zip(params, h):
+            if poison:
+                assert torch.equal(p.grad, torch.zeros_like(p)) and not torch.signbit(p.grad).any()
+            else:
+                assert torch.equal(p.grad, hi)
