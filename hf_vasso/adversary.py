@@ -112,8 +112,8 @@ class PlainAdversary(AdversaryGeometry):
 class AdaptiveAdversary(AdversaryGeometry):
     """ε = ρ·T²d/‖T·d‖ with T = |w|: ASAM's scale-invariant adversary (arXiv 2102.11600), d in place of the gradient.
 
-    Equals pytorch_optimizer's `SAM(adaptive=True)` (`e_w = w²·g·ρ/‖|w|·g‖`) when θ = 1. It needs one temporary
-    the size of the perturbed weights (fp32) while it computes.
+    Equals pytorch_optimizer's `SAM(adaptive=True)` (`e_w = w²·g·ρ/‖|w|·g‖`) when θ = 1. It works tensor by
+    tensor, with one fp32 temporary the size of the tensor at hand.
 
     Example::
 
@@ -128,11 +128,12 @@ class AdaptiveAdversary(AdversaryGeometry):
         """Σ‖|w_i|·d_i‖² over these tensors (fp32 0-d tensor, not yet summed over ranks)."""
         if not d:
             return _zero_norm(weights)
-        weighted = torch._foreach_mul(d, weights)  # fp32 (d is fp32)
-        return torch.stack(torch._foreach_norm(weighted, 2)).square().sum()
+        # |w|·d tensor by tensor (fp32, d is fp32): one tensor's temporary at a time, never the model's.
+        return torch.stack([torch.linalg.vector_norm(di * wi) for wi, di in zip(weights, d)]).square().sum()
 
     def perturb_(self, weights: list[torch.Tensor], d: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
         """w_i += scale_i · w_i²·d_i, with w²·d computed before any weight moves."""
-        offset = torch._foreach_mul(d, weights)
-        torch._foreach_mul_(offset, weights)
-        torch._foreach_addcmul_(weights, offset, scales)
+        for wi, di, si in zip(weights, d, scales):
+            offset = di * wi
+            offset.mul_(wi)
+            wi.addcmul_(offset, si)

@@ -1,7 +1,8 @@
 """Every rule hf_vasso enforces, in one place: value checks, configuration checks and refusals.
 
-Imported by the config (`arguments.py`), the engine (`update.py`), the wrapper (`optimizer.py`) and the trainer
-(`trainer.py`). Each check raises `ValueError` with the value, the rule, the reason and the fix. The module imports
+Imported by the config (`arguments.py`), the engine (`update.py`, `flat_layout.py`, `sharding.py`), the wrapper
+(`optimizer.py`) and the trainer (`trainer.py`). Each check raises `ValueError` with the value, the rule, the reason
+and the fix (`NotImplementedError` for a model layout the engine does not handle). The module imports
 only torch, so the engine that uses it knows nothing of the Trainer.
 """
 
@@ -265,4 +266,71 @@ def refuse_wrapped_vasso(base_optimizer: Any) -> None:
         raise ValueError(
             "VASSO was given a VASSO optimizer as its base: the weights would be perturbed twice per step. Wrap the "
             "base optimizer once: VASSO(torch.optim.AdamW(model.parameters()), rho=..., theta=...)."
+        )
+
+
+# ------------------------------------------------------------------------------------------------ the engine's tensors
+
+
+def refuse_no_trainable_parameter() -> None:
+    """Called when no tensor given to VASSO has `requires_grad=True` (at build time or at a step)."""
+    raise ValueError("VASSO found no parameter with requires_grad=True: there is nothing to perturb.")
+
+
+def refuse_several_devices(devices: Any) -> None:
+    """Called when the trainable parameters live on several devices (a model split with `device_map`)."""
+    raise NotImplementedError(
+        f"hf_vasso needs every trainable parameter on one device, found {sorted(map(str, devices))}: "
+        "a model split over devices (device_map) is not supported; use DDP or FSDP2."
+    )
+
+
+def refuse_sparse_gradient(name: str) -> None:
+    """Called on a trainable parameter whose gradient is sparse: d, its norm and EMA are dense."""
+    raise ValueError(
+        f"Parameter {name} has a sparse gradient: VASSO needs dense gradients (its norm and EMA "
+        "are dense). Use a dense embedding (nn.Embedding(sparse=False)) and a dense optimizer."
+    )
+
+
+def refuse_unsupported_placement(name: str, placement: Any, dim: int, mesh: Any) -> None:
+    """Called on a DTensor parameter placed neither sharded nor replicated on a mesh dimension (e.g. `Partial`):
+    its elements cannot be counted once in the norm."""
+    raise NotImplementedError(
+        f"hf_vasso cannot count the elements of {name} once: it is a DTensor placed as {placement} on mesh "
+        f"dimension {dim} of {mesh}, and VASSO's norm handles sharded (Shard, _StridedShard) and replicated "
+        "(Replicate) dimensions only."
+    )
+
+
+def refuse_gradient_layout(name: str, param: Any, grad: Any) -> None:
+    """Called on a DTensor gradient laid out unlike its parameter (e.g. `Partial`, not yet reduced over ranks)."""
+    raise NotImplementedError(
+        f"The gradient of {name} is a DTensor placed as {grad.placements} on {grad.device_mesh}, but the "
+        f"parameter as {param.placements} on {param.device_mesh}: VASSO folds each rank's shard of the gradient "
+        "into the same shard of d, so the gradient must be laid out like its parameter (a Partial gradient has "
+        "not been reduced over ranks yet). Let FSDP2/DDP reduce it before the optimizer step, or redistribute "
+        "it to the parameter's placements."
+    )
+
+
+def check_param_names(param_names: Any, count: int) -> None:
+    """`param_names` (None or one name per tensor) against the engine's `count` tensors."""
+    if param_names is not None and len(param_names) != count:
+        raise ValueError(f"param_names has {len(param_names)} names for {count} tensors.")
+
+
+def check_new_param_group(new: list[Any], known: list[Any], names: Any, engine_has_names: bool) -> None:
+    """A group given to `add_param_group`: tensors the engine does not have yet, and one name per new tensor exactly
+    when the engine has names."""
+    ids = {id(p) for p in known}
+    if any(id(p) in ids for p in new):
+        raise ValueError(
+            "add_param_group: a tensor of the new group is already optimised by VASSO; a parameter may belong "
+            "to one group only (change its group's rho instead)."
+        )
+    if engine_has_names != (names is not None) or (names is not None and len(names) != len(new)):
+        raise ValueError(
+            f"add_param_group: pass one name per new tensor ({len(new)}) exactly when the engine "
+            f"has names (it {'has' if engine_has_names else 'has none'})."
         )

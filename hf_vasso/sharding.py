@@ -29,6 +29,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from .rules import refuse_gradient_layout, refuse_unsupported_placement
+
 if TYPE_CHECKING:
     from .flat_layout import FlatLayout
 
@@ -70,11 +72,7 @@ class ShardReduction:
             if isinstance(placement, Replicate):
                 continue
             if not isinstance(placement, _SHARDED):
-                raise NotImplementedError(
-                    f"hf_vasso cannot count the elements of {self._name(i)} once: it is a DTensor placed as "
-                    f"{placement} on mesh dimension {dim} of {p.device_mesh}, and VASSO's norm handles sharded "
-                    "(Shard, _StridedShard) and replicated (Replicate) dimensions only."
-                )
+                refuse_unsupported_placement(self._name(i), placement, dim, p.device_mesh)
             group = p.device_mesh.get_group(dim)
             ranks = tuple(dist.get_process_group_ranks(group))
             if len(ranks) > 1:
@@ -116,23 +114,34 @@ class ShardReduction:
             dist.all_reduce(t, group=group)
         return t
 
+    def several_classes(self, layout: FlatLayout) -> bool:
+        """Whether the active tensors of `layout` form several reduction classes: per-cohort sums must then be
+        formed per class, from per-tensor sums (`sum_tensors`); with one class, contiguous per-cohort sums serve
+        (`sum_cohorts`)."""
+        return self._plan(layout) is not None
+
+    def sum_cohorts(self, per_cohort: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
+        """Per-cohort local sums (one per segment of `layout`, whose active tensors form one class), summed over
+        ranks."""
+        return self.sum_over_ranks({self.class_of[layout.active[0]]: per_cohort})
+
+    def sum_tensors(self, per_tensor: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
+        """Per-cohort global sums from local sums per active tensor (1-D, in the order of `layout.active`), each
+        reduction class through its own process groups."""
+        index = self._plan(layout)
+        if index is None:
+            sizes = [len(s.indices) for s in layout.segments]
+            return self.sum_cohorts(torch.stack([t.sum() for t in per_tensor.split(sizes)]), layout)
+        return self._per_class(per_tensor, index, layout)
+
     def cohort_sq_norms(self, flat: torch.Tensor, views: list[torch.Tensor], layout: FlatLayout) -> torch.Tensor:
         """||flat[cohort]||² for each cohort of `layout`, summed over ranks (`views`: flat's per-tensor views, in the
         order of `layout.active`)."""
         index = self._plan(layout)
         if index is None:  # one class: one norm per contiguous cohort
             norms = torch.stack([torch.linalg.vector_norm(flat[s.start : s.end]) for s in layout.segments])
-            return self.sum_over_ranks({self.class_of[layout.active[0]]: norms.square()})
+            return self.sum_cohorts(norms.square(), layout)
         return self._per_class(torch.stack(torch._foreach_norm(views, 2)).square(), index, layout)
-
-    def cohort_dots(self, a: torch.Tensor, b: torch.Tensor, a_views, b_views, layout: FlatLayout) -> torch.Tensor:
-        """<a[cohort], b[cohort]> for each cohort of `layout`, summed over ranks."""
-        index = self._plan(layout)
-        if index is None:
-            dots = torch.stack([torch.dot(a[s.start : s.end], b[s.start : s.end]) for s in layout.segments])
-            return self.sum_over_ranks({self.class_of[layout.active[0]]: dots})
-        per_tensor = torch.stack([torch.dot(x.flatten(), y.flatten()) for x, y in zip(a_views, b_views)])
-        return self._per_class(per_tensor, index, layout)
 
     def _per_class(self, per_tensor: torch.Tensor, index: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
         n = len(layout.segments)
@@ -162,10 +171,4 @@ def check_gradient_layout(param: torch.Tensor, grad: torch.Tensor, name: str) ->
             parameter's shard of the gradient.
     """
     if isinstance(grad, DTensor) and (grad.placements != param.placements or grad.device_mesh != param.device_mesh):
-        raise NotImplementedError(
-            f"The gradient of {name} is a DTensor placed as {grad.placements} on {grad.device_mesh}, but the "
-            f"parameter as {param.placements} on {param.device_mesh}: VASSO folds each rank's shard of the gradient "
-            "into the same shard of d, so the gradient must be laid out like its parameter (a Partial gradient has "
-            "not been reduced over ranks yet). Let FSDP2/DDP reduce it before the optimizer step, or redistribute "
-            "it to the parameter's placements."
-        )
+        refuse_gradient_layout(name, param, grad)

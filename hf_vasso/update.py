@@ -14,10 +14,11 @@ require gradients at that step (the full specification is `docs/algorithm.md`):
 synchronises host and device on the training path: every decision that depends on a tensor value (a non-finite
 gradient, a zero norm, a parameter's first step) is a `torch.where` on the device.
 
-The pieces: `flat_layout.py` (d and the work buffer, flat fp32 over the trainable set, cohort by cohort),
-`sharding.py` (local shards and the cross-rank sum of the norms), `adversary.py` (the geometries), `metrics.py` (the
-`vasso/*` window) and `state.py` (the checkpoint). VASSO keeps 8 bytes per trainable parameter, 2x the weights in
-fp32; flat buffers make the per-step work a handful of kernels whatever the number of tensors.
+The pieces: `flat_layout.py` (d, flat fp32 over the trainable set cohort by cohort, and the saved weights in their
+own dtype), `sharding.py` (local shards and the cross-rank sum of the norms), `adversary.py` (the geometries),
+`metrics.py` (the `vasso/*` window) and `state.py` (the checkpoint). VASSO keeps d and the saved weights: 2.0x the
+trainable bytes for fp32 weights, 3.0x for bf16; during a step it allocates at most one tensor's worth of fp32 more.
+Flat buffers make the per-step work a handful of kernels whatever the number of tensors.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ import torch
 from .adversary import AdversaryGeometry, make_geometry
 from .flat_layout import FlatLayout
 from .metrics import MetricWindow
-from .rules import check_adaptive, check_hyperparameters, check_seed
+from .rules import (
+    check_adaptive,
+    check_hyperparameters,
+    check_new_param_group,
+    check_param_names,
+    check_seed,
+    refuse_no_trainable_parameter,
+)
 from .sharding import ShardReduction, local
 from .state import STATE_FORMAT, load_state, save_state, validate_state
 
@@ -96,7 +104,8 @@ class VassoUpdate:
     Raises:
         ValueError: a hyperparameter is invalid, no tensor requires a gradient, or `param_names` has the wrong
             length.
-        NotImplementedError: the trainable parameters live on several devices, or are sharded over several meshes.
+        NotImplementedError: the trainable parameters live on several devices, or a DTensor parameter is placed
+            neither sharded nor replicated on a mesh dimension (e.g. `Partial`).
     """
 
     def __init__(
@@ -118,9 +127,8 @@ class VassoUpdate:
         for group in _as_groups(params):
             self._add_group(group)
         if not any(p.requires_grad for p in self.params):
-            raise ValueError("VASSO found no parameter with requires_grad=True: there is nothing to perturb.")
-        if param_names is not None and len(param_names) != len(self.params):
-            raise ValueError(f"param_names has {len(param_names)} names for {len(self.params)} tensors.")
+            refuse_no_trainable_parameter()
+        check_param_names(param_names, len(self.params))
         self.param_names = list(param_names) if param_names is not None else None
 
         self.step = 0
@@ -166,19 +174,7 @@ class VassoUpdate:
         if self.perturbed:
             raise RuntimeError("VASSO: add_param_group() called while the weights are perturbed; call restore().")
         (group,) = _as_groups([group])
-        known = {id(p) for p in self.params}
-        if any(id(p) in known for p in group["params"]):
-            raise ValueError(
-                "add_param_group: a tensor of the new group is already optimised by VASSO; a parameter may belong "
-                "to one group only (change its group's rho instead)."
-            )
-        if (self.param_names is None) != (param_names is None) or (
-            param_names is not None and len(param_names) != len(group["params"])
-        ):
-            raise ValueError(
-                f"add_param_group: pass one name per new tensor ({len(group['params'])}) exactly when the engine "
-                f"has names (it {'has' if self.param_names is not None else 'has none'})."
-            )
+        check_new_param_group(group["params"], self.params, param_names, self.param_names is not None)
         self._add_group(group)
         if param_names is not None:
             self.param_names.extend(param_names)
@@ -224,37 +220,98 @@ class VassoUpdate:
             raise RuntimeError("VASSO: absorb_gradient() called while the weights are perturbed; call restore().")
         self.layout.sync()
         self._guard_pending = False
-        work = self.layout.copy_gradients_into_work()
+        grads = self.layout.gradients()
         inv = None if grad_scale is None else grad_scale.float().reciprocal()
-        layout = self.layout
-        g_sq_seg = self._reduction.cohort_sq_norms(work, layout.work_views, layout)
-        dots = None
-        if self._cosine and self.theta == 1.0:  # <g, d_{t-1}>: for theta = 1 the cosine does not follow from norms
-            dots = self._reduction.cohort_dots(work, layout.d_flat, layout.work_views, layout.active_d(), layout)
+        g_sq_seg = self._cohort_grad_sq(grads)
         finite = torch.isfinite(g_sq_seg.sum())
         previous = [(s.d_sq, s.initialized) for s in self.layout.segments]
-        self._fold_ema(work, finite, inv)
-        d_sq_seg = self.layout.refresh_d_sq()
+        d_sq_seg, dots = self._fold_ema(grads, finite, inv)
+        self.layout.set_d_sq(d_sq_seg)
         self._set_scales(finite, d_sq_seg.sum())
         self.step += 1
         self._record_step(g_sq_seg, d_sq_seg, previous, dots, inv, finite)
 
-    def _fold_ema(self, work: torch.Tensor, finite: torch.Tensor, inv: torch.Tensor | None) -> None:
-        """d <- (1 - theta) d + theta g per cohort; d <- g on a cohort's first finite step; d unchanged if g is not
-        finite (decided on the device)."""
-        # Make the copied gradient finite, so that its product with take = 0 on a non-finite step is 0 (0 * inf
-        # would be NaN): d then stays exactly itself. On finite steps this changes nothing.
-        work.nan_to_num_(0.0, 0.0, 0.0)
-        theta = self.theta
+    @property
+    def _cosine_needs_dots(self) -> bool:
+        return self._cosine and self.theta == 1.0
+
+    def _cohort_grad_sq(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """||g||² per cohort (fp32, summed over ranks), from one norm per tensor: the finiteness test reads g once."""
+        position = self.layout.position
+        present = [(k, g) for k, g in enumerate(grads) if g is not None]
+        norms = torch._foreach_norm([g for _, g in present], 2, dtype=torch.float32) if present else []
+        by_position = dict(zip((k for k, _ in present), norms))
+        zero = torch.zeros((), device=self.layout.device)
+        if self._reduction.several_classes(self.layout):  # each reduction class's sums through its own groups
+            per_tensor = torch.stack([by_position.get(k, zero) for k in range(len(grads))]).square()
+            return self._reduction.sum_tensors(per_tensor, self.layout)
+        per_cohort = []
         for s in self.layout.segments:
+            mine = [by_position[position[i]] for i in s.indices if position[i] in by_position]
+            per_cohort.append(torch.stack(mine).square().sum() if mine else zero)
+        return self._reduction.sum_cohorts(torch.stack(per_cohort), self.layout)
+
+    def _fold_ema(
+        self, grads: list[torch.Tensor | None], finite: torch.Tensor, inv: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """d <- (1 - theta) d + theta g per cohort; d <- g on a cohort's first finite step; d unchanged if g is not
+        finite (decided on the device). Returns ||d||² per cohort and, for theta = 1, <g, d_{t-1}> per cohort (both
+        summed over ranks).
+
+        The gradient goes through the scratch space tile by tile (`FlatLayout.absorb_tiles`): copied in fp32 (p.grad
+        is left as it is) and made finite, so that its product with take = 0 on a non-finite step is 0 (0 * inf
+        would be NaN) and d stays exactly itself; on finite steps the cleaning changes nothing.
+
+        When the layout has several reduction classes (`ShardReduction.several_classes`), a tile may hold tensors of
+        different classes: the sums are then formed per tensor (<g, d> per tile piece, ||d||² from one norm per
+        tensor after the fold) and reduced class by class.
+        """
+        theta = self.theta
+        per_class = self._reduction.several_classes(self.layout)
+        segments = self.layout.segments
+        factors = []
+        for s in segments:
             # d*(1-theta) then d + theta*g: bit-identical to the official d.mul_(1-theta).add_(g, alpha=theta).
             # A first step uses keep=1, take=1 on d=0 (d <- g exactly); a non-finite step keep=1, take=0.
             keep = torch.where(finite & s.initialized, 1.0 - theta, 1.0)
             take = torch.where(finite, torch.where(s.initialized, theta, 1.0), 0.0)
-            if inv is not None:
-                take = take * inv
-            self.layout.d_flat[s.start : s.end].mul_(keep).addcmul_(work[s.start : s.end], take)
+            factors.append((keep, take if inv is None else take * inv))
+        by_param = {i: g for i, g in zip(self.layout.active, grads)}
+        d_norms: list[list[torch.Tensor]] = [[] for _ in segments]
+        dots: list[list[torch.Tensor]] = [[] for _ in (self.layout.active if per_class else segments)]
+        position = self.layout.position
+        scratch = self.layout.scratch()
+        for tile in self.layout.absorb_tiles():
+            work = scratch[: tile.end - tile.start]
+            d = self.layout.d_flat[tile.start : tile.end]
+            self.layout.copy_gradient_into(tile, by_param)
+            if self._cosine_needs_dots and per_class:
+                offset = 0
+                for i, a, b in tile.pieces:
+                    piece = slice(offset, offset + b - a)
+                    dots[position[i]].append(torch.dot(work[piece], d[piece]))
+                    offset += b - a
+            elif self._cosine_needs_dots:
+                dots[tile.segment].append(torch.dot(work, d))
+            work.nan_to_num_(0.0, 0.0, 0.0)
+            keep, take = factors[tile.segment]
+            d.mul_(keep).addcmul_(work, take)
+            if not per_class:
+                d_norms[tile.segment].append(torch.linalg.vector_norm(d))
+        for s in segments:
             s.initialized = s.initialized | finite
+        zero = torch.zeros((), device=self.layout.device)
+        if per_class:
+            d_sq_seg = self._reduction.cohort_sq_norms(self.layout.d_flat, self.layout.active_d(), self.layout)
+        else:
+            d_sq = [torch.stack(n).square().sum() if len(n) > 1 else (n[0].square() if n else zero) for n in d_norms]
+            d_sq_seg = self._reduction.sum_cohorts(torch.stack(d_sq), self.layout)
+        if not self._cosine_needs_dots:
+            return d_sq_seg, None
+        dot_sums = torch.stack([sum(x, zero) for x in dots])
+        if per_class:
+            return d_sq_seg, self._reduction.sum_tensors(dot_sums, self.layout)
+        return d_sq_seg, self._reduction.sum_cohorts(dot_sums, self.layout)
 
     def _set_scales(self, finite: torch.Tensor, d_sq: torch.Tensor) -> None:
         """This step's rho_group / ||.|| per active tensor: one global norm through the geometries, each group's rho;
@@ -285,6 +342,13 @@ class VassoUpdate:
                 weights, d = [local(self.params[i]) for i in indices], [self.d[i] for i in indices]
                 partials[cls] = partials.get(cls, 0.0) + group.geometry.sq_norm(weights, d)
         return self._reduction.sum_over_ranks(partials)
+
+    def _active_by_group(self) -> Iterable[tuple[list[torch.Tensor], list[torch.Tensor], _Group]]:
+        """(local weights, d, group) of each group with active parameters."""
+        for group in self._groups:
+            active = [i for i in group.indices if self.d[i] is not None]
+            if active:
+                yield [local(self.params[i]) for i in active], [self.d[i] for i in active], group
 
     def _active_by_group(self) -> Iterable[tuple[list[torch.Tensor], list[torch.Tensor], _Group]]:
         """(local weights, d, group) of each group with active parameters."""
@@ -340,16 +404,16 @@ class VassoUpdate:
             raise RuntimeError("VASSO: perturb() called twice without restore(); the saved weights would be lost.")
         if self._scales is None:
             raise RuntimeError("VASSO: perturb() needs this step's absorb_gradient() first.")
-        local_weights = self.layout.active_weights()
-        torch._foreach_copy_(self.layout.work_views, local_weights)
+        torch._foreach_copy_(self.layout.saved_views(), self.layout.active_weights())
         self.perturbed = True
         if len(self._groups) == 1:
-            self._groups[0].geometry.perturb_(local_weights, self.layout.active_d(), self._scales)
+            weights = self.layout.active_weights()
+            _perturb_in_fp32(self._groups[0].geometry, weights, self.layout.active_d(), self._scales)
         else:
             position = self.layout.position
             for weights, d, group in self._active_by_group():
                 scales = [self._scales[position[i]] for i in group.indices if self.d[i] is not None]
-                group.geometry.perturb_(weights, d, scales)
+                _perturb_in_fp32(group.geometry, weights, d, scales)
         for i in self.layout.active:
             self.params[i].grad = None
         self._window.add(moved=self._moved.float())
@@ -363,7 +427,7 @@ class VassoUpdate:
         """
         if not self.perturbed:
             return
-        torch._foreach_copy_(self.layout.active_weights(), self.layout.work_views)
+        torch._foreach_copy_(self.layout.active_weights(), self.layout.saved_views())
         self.perturbed = False
 
     @torch.no_grad()
@@ -392,7 +456,7 @@ class VassoUpdate:
         if grad_scale is None:
             nonfinite = ~finite
             for g in grads:
-                g.masked_fill_(nonfinite, 0.0)
+                _as_words(g).masked_fill_(nonfinite, 0)
         self._window.add(guarded=1.0, perturbed_nonfinite=(~finite).float())
 
     def record_losses(self, clean_loss: torch.Tensor | None, perturbed_loss: torch.Tensor | None) -> None:
@@ -472,12 +536,71 @@ class VassoUpdate:
         return torch.stack([s.d_sq for s in self.layout.segments]).sum()
 
     def state_bytes(self) -> int:
-        """Bytes VASSO keeps beside the model: d and the work buffer (saved weights), both fp32."""
+        """Bytes VASSO keeps beside the model: d (fp32) and the saved weights (in their own dtype): 2.0x the trainable
+        bytes for fp32 weights, 3.0x for bf16."""
         return self.layout.state_bytes()
 
     def name(self, i: int) -> str:
         """Parameter `i`'s name for messages."""
         return self.param_names[i] if self.param_names else f"parameter #{i}"
+
+
+def _perturb_in_fp32(
+    geometry: AdversaryGeometry, weights: list[torch.Tensor], d: list[torch.Tensor], scales: list[torch.Tensor]
+) -> None:
+    """`geometry.perturb_` with every weight in fp32: weights of other dtypes go through an fp32 copy, a batch at a
+    time in one scratch tensor the size of the largest of them, and back (rounded once, as a mixed-dtype op rounds).
+
+    Mixed bf16/fp32 arithmetic on a CPU materialises fp32 copies of its operands, and is several times slower than
+    the same op in one dtype; the copies here are one tensor's worth at most, and all arithmetic is in fp32.
+    """
+    if all(w.dtype == torch.float32 for w in weights):
+        geometry.perturb_(weights, d, scales)
+        return
+    direct = [k for k, w in enumerate(weights) if w.dtype == torch.float32]
+    if direct:
+        geometry.perturb_([weights[k] for k in direct], [d[k] for k in direct], [scales[k] for k in direct])
+    staged = [k for k, w in enumerate(weights) if w.dtype != torch.float32]
+    if not staged:
+        return
+    largest = max(weights[k].numel() for k in staged)
+    scratch = torch.empty(largest, dtype=torch.float32, device=weights[staged[0]].device)
+    batch: list[int] = []
+    used = 0
+    for k in staged + [None]:
+        if k is None or used + weights[k].numel() > scratch.numel():
+            views, offset = [], 0
+            for j in batch:
+                views.append(scratch[offset : offset + weights[j].numel()].view(weights[j].shape))
+                offset += weights[j].numel()
+            chunk = [weights[j] for j in batch]
+            torch._foreach_copy_(views, chunk)
+            geometry.perturb_(views, [d[j] for j in batch], [scales[j] for j in batch])
+            torch._foreach_copy_(chunk, views)
+            batch, used = [], 0
+        if k is not None:
+            batch.append(k)
+            used += weights[k].numel()
+
+
+_WORDS_FROM_BYTES = 1 << 16
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s bytes as 16-byte (or 8-byte) elements where its layout allows it, else `t`.
+
+    `masked_fill_` with a one-element mask writes only where the mask is set, so on a finite step its whole cost is
+    its loop over the elements: over 16-byte words that loop is 4x (fp32) to 8x (bf16) shorter. Zero bits are +0.0.
+    Small tensors stay as they are: there the two view ops would cost more than the loop they shorten.
+    """
+    nbytes = t.numel() * t.element_size()
+    if nbytes < _WORDS_FROM_BYTES or not t.is_contiguous():
+        return t
+    flat = t.view(-1)
+    for dtype, size in ((torch.complex128, 16), (torch.int64, 8)):
+        if nbytes % size == 0 and (t.storage_offset() * t.element_size()) % size == 0:
+            return flat.view(dtype)
+    return t
 
 
 def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:

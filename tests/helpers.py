@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import importlib.util
 import os
 import random
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 import torch
 from datasets import Dataset
@@ -281,3 +283,49 @@ def use_geometry(monkeypatch, key: str) -> bool:
             return value
     monkeypatch.setitem(ADAPTIVE_SWITCH, True, key)
     return True
+
+
+# ---------------------------------------------------------------------------------------------------- memory, as the
+# CPU allocator counts it (the engine's memory test and benchmarks/bookkeeping.py)
+
+
+def allocated_per_phase(phases: dict[str, Callable[[], object]]) -> dict[str, tuple[int, int]]:
+    """Run the phases in order under the torch profiler (`profile_memory=True`) and return, per phase, (bytes still
+    allocated at its end, highest total during it), both relative to the allocator's total before the first phase.
+
+    The CPU allocator reports each allocation and free with its running total, so a temporary that lives inside one
+    op counts too. Only what was allocated while profiling is counted (earlier tensors are the baseline). The garbage
+    collector runs first and is off during the phases: an earlier object freed from a reference cycle mid-phase (an
+    engine refers to itself through its parameter-name callback) would show as a negative allocation.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            for name, run in phases.items():
+                with record_function(name):
+                    run()
+    finally:
+        gc.enable()
+    events: dict[str, list[tuple[int, int, int]]] = {}
+    stack = [(node, None) for node in prof.profiler.kineto_results.experimental_event_tree()]
+    while stack:
+        node, phase = stack.pop()
+        if node.name in phases:
+            phase = node.name
+        stack.extend((child, phase) for child in node.children)
+        if node.tag == _EventType.Allocation and phase is not None:
+            e = node.extra_fields
+            events.setdefault(phase, []).append((node.start_time_ns, e.alloc_size, e.total_allocated))
+    ordered = [e for name in phases for e in sorted(events.get(name, []))]
+    base = ordered[0][2] - ordered[0][1] if ordered else 0
+    result, level = {}, 0
+    for name in phases:
+        mine = sorted(events.get(name, []))
+        peak = max((total - base for _, _, total in mine), default=level)
+        level = mine[-1][2] - base if mine else level
+        result[name] = (level, max(peak, level))
+    return result
