@@ -239,7 +239,7 @@ class VassoUpdate:
         """||g||² per cohort (fp32, summed over ranks), from one norm per tensor: the finiteness test reads g once."""
         position = self.layout.position
         present = [(k, g) for k, g in enumerate(grads) if g is not None]
-        norms = torch._foreach_norm([g for _, g in present], 2, dtype=torch.float32) if present else []
+        norms = _fp32_norms([g for _, g in present]) if present else []
         by_position = dict(zip((k for k, _ in present), norms))
         zero = torch.zeros((), device=self.layout.device)
         if self._reduction.several_classes(self.layout):  # each reduction class's sums through its own groups
@@ -259,8 +259,8 @@ class VassoUpdate:
         summed over ranks).
 
         The gradient goes through the scratch space tile by tile (`FlatLayout.absorb_tiles`): copied in fp32 (p.grad
-        is left as it is) and made finite, so that its product with take = 0 on a non-finite step is 0 (0 * inf
-        would be NaN) and d stays exactly itself; on finite steps the cleaning changes nothing.
+        is left as it is) and zeroed on a non-finite step, so that its product with take = 0 is 0 (0 * inf would be
+        NaN) and d stays exactly itself; on finite steps the cleaning changes nothing.
 
         When the layout has several reduction classes (`ShardReduction.several_classes`), a tile may hold tensors of
         different classes: the sums are then formed per tensor (<g, d> per tile piece, ||d||² from one norm per
@@ -281,6 +281,7 @@ class VassoUpdate:
         dots: list[list[torch.Tensor]] = [[] for _ in (self.layout.active if per_class else segments)]
         position = self.layout.position
         scratch = self.layout.scratch()
+        nonfinite = ~finite
         for tile in self.layout.absorb_tiles():
             work = scratch[: tile.end - tile.start]
             d = self.layout.d_flat[tile.start : tile.end]
@@ -293,7 +294,9 @@ class VassoUpdate:
                     offset += b - a
             elif self._cosine_needs_dots:
                 dots[tile.segment].append(torch.dot(work, d))
-            work.nan_to_num_(0.0, 0.0, 0.0)
+            # Zeros on a non-finite step (take = 0 then, and 0 * inf would be NaN); on a finite step it writes
+            # nothing (the tile is still in the cache from the copy, so its loop costs about a copy in cache).
+            _as_words(work).masked_fill_(nonfinite, 0)
             keep, take = factors[tile.segment]
             d.mul_(keep).addcmul_(work, take)
             if not per_class:
@@ -342,13 +345,6 @@ class VassoUpdate:
                 weights, d = [local(self.params[i]) for i in indices], [self.d[i] for i in indices]
                 partials[cls] = partials.get(cls, 0.0) + group.geometry.sq_norm(weights, d)
         return self._reduction.sum_over_ranks(partials)
-
-    def _active_by_group(self) -> Iterable[tuple[list[torch.Tensor], list[torch.Tensor], _Group]]:
-        """(local weights, d, group) of each group with active parameters."""
-        for group in self._groups:
-            active = [i for i in group.indices if self.d[i] is not None]
-            if active:
-                yield [local(self.params[i]) for i in active], [self.d[i] for i in active], group
 
     def _active_by_group(self) -> Iterable[tuple[list[torch.Tensor], list[torch.Tensor], _Group]]:
         """(local weights, d, group) of each group with active parameters."""
@@ -408,12 +404,12 @@ class VassoUpdate:
         self.perturbed = True
         if len(self._groups) == 1:
             weights = self.layout.active_weights()
-            _perturb_in_fp32(self._groups[0].geometry, weights, self.layout.active_d(), self._scales)
+            _perturb(self._groups[0].geometry, weights, self.layout.active_d(), self._scales)
         else:
             position = self.layout.position
             for weights, d, group in self._active_by_group():
                 scales = [self._scales[position[i]] for i in group.indices if self.d[i] is not None]
-                _perturb_in_fp32(group.geometry, weights, d, scales)
+                _perturb(group.geometry, weights, d, scales)
         for i in self.layout.active:
             self.params[i].grad = None
         self._window.add(moved=self._moved.float())
@@ -449,7 +445,7 @@ class VassoUpdate:
         self._guard_pending = False
         grads = [local(self.params[i].grad) for i in self.layout.active if self.params[i].grad is not None]
         if grads:
-            sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+            sq = torch.stack(_fp32_norms(grads)).square().sum()
         else:
             sq = torch.zeros((), device=self.layout.device)
         finite = torch.isfinite(self._reduction.sum_everywhere(sq))
@@ -545,42 +541,73 @@ class VassoUpdate:
         return self.param_names[i] if self.param_names else f"parameter #{i}"
 
 
-def _perturb_in_fp32(
+def _perturb(
     geometry: AdversaryGeometry, weights: list[torch.Tensor], d: list[torch.Tensor], scales: list[torch.Tensor]
 ) -> None:
-    """`geometry.perturb_` with every weight in fp32: weights of other dtypes go through an fp32 copy, a batch at a
-    time in one scratch tensor the size of the largest of them, and back (rounded once, as a mixed-dtype op rounds).
+    """`geometry.perturb_` on weights of any dtype, with no mixed-dtype arithmetic and no model-sized temporary.
 
-    Mixed bf16/fp32 arithmetic on a CPU materialises fp32 copies of its operands, and is several times slower than
-    the same op in one dtype; the copies here are one tensor's worth at most, and all arithmetic is in fp32.
+    Mixed bf16/fp32 arithmetic on a CPU runs element by element, several times slower than the same op in one dtype,
+    so every op here is in one dtype:
+    - fp32 weights: the geometry works on them directly.
+    - bf16 weights under a geometry with ε ∝ d (`eps_parallel_to_d`): d is rounded to bf16 in a scratch and
+      w + scale·d is computed in fp32 inside the op and rounded once. Rounding d first changes ε by at most 2^-9 of
+      itself, far below the rounding of w + ε to bf16; bf16 has fp32's range, so no component is lost.
+    - other weights (fp16, whose range would lose small d; any dtype under ASAM): copied to fp32, moved, copied back.
+    The scratch is one tensor the size of the largest staged tensor, used a batch at a time.
     """
-    if all(w.dtype == torch.float32 for w in weights):
-        geometry.perturb_(weights, d, scales)
-        return
     direct = [k for k, w in enumerate(weights) if w.dtype == torch.float32]
+    d_staged = [k for k, w in enumerate(weights) if w.dtype == torch.bfloat16 and geometry.eps_parallel_to_d]
+    w_staged = [k for k in range(len(weights)) if k not in set(direct) | set(d_staged)]
     if direct:
         geometry.perturb_([weights[k] for k in direct], [d[k] for k in direct], [scales[k] for k in direct])
-    staged = [k for k, w in enumerate(weights) if w.dtype != torch.float32]
-    if not staged:
+    for batch, views in _staging_batches([d[k] for k in d_staged], torch.bfloat16):
+        torch._foreach_copy_(views, [d[d_staged[j]] for j in batch])
+        ks = [d_staged[j] for j in batch]
+        geometry.perturb_([weights[k] for k in ks], views, [scales[k] for k in ks])
+    for batch, views in _staging_batches([weights[k] for k in w_staged], torch.float32):
+        chunk = [weights[w_staged[j]] for j in batch]
+        torch._foreach_copy_(views, chunk)
+        ks = [w_staged[j] for j in batch]
+        geometry.perturb_(views, [d[k] for k in ks], [scales[k] for k in ks])
+        torch._foreach_copy_(chunk, views)
+
+
+def _staging_batches(
+    tensors: list[torch.Tensor], dtype: torch.dtype
+) -> Iterable[tuple[list[int], list[torch.Tensor]]]:
+    """`(indices, views)` batches of `tensors` whose sizes fit one scratch tensor of `dtype` the size of the largest:
+    `views[j]` is shaped like `tensors[indices[j]]`; the views of one batch are laid end to end in the scratch."""
+    if not tensors:
         return
-    largest = max(weights[k].numel() for k in staged)
-    scratch = torch.empty(largest, dtype=torch.float32, device=weights[staged[0]].device)
+    scratch = torch.empty(max(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
     batch: list[int] = []
     used = 0
-    for k in staged + [None]:
-        if k is None or used + weights[k].numel() > scratch.numel():
+    for k in list(range(len(tensors))) + [None]:
+        if k is None or used + tensors[k].numel() > scratch.numel():
             views, offset = [], 0
             for j in batch:
-                views.append(scratch[offset : offset + weights[j].numel()].view(weights[j].shape))
-                offset += weights[j].numel()
-            chunk = [weights[j] for j in batch]
-            torch._foreach_copy_(views, chunk)
-            geometry.perturb_(views, [d[j] for j in batch], [scales[j] for j in batch])
-            torch._foreach_copy_(chunk, views)
+                views.append(scratch[offset : offset + tensors[j].numel()].view(tensors[j].shape))
+                offset += tensors[j].numel()
+            if batch:
+                yield batch, views
             batch, used = [], 0
         if k is not None:
             batch.append(k)
-            used += weights[k].numel()
+            used += tensors[k].numel()
+
+
+def _fp32_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The 2-norm of each tensor as an fp32 0-d tensor, accumulated in fp32 whatever the dtype.
+
+    Reductions over bf16 accumulate in fp32 on every device; asking for an fp32 result of a bf16 tensor on a CPU
+    takes a cast path about 20x slower than the norm itself, so there the norm of a bf16 tensor is returned in bf16
+    (3 significant digits; bf16 overflows where fp32 does, so finiteness is unchanged) and widened. fp16 (whose
+    range a loss-scaled norm exceeds) and every GPU tensor take the fp32 result directly.
+    """
+    dtypes = {t.dtype for t in tensors}
+    if tensors[0].device.type == "cpu" and torch.bfloat16 in dtypes and dtypes <= {torch.bfloat16, torch.float32}:
+        return [n.float() for n in torch._foreach_norm(tensors, 2)]
+    return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
 
 
 _WORDS_FROM_BYTES = 1 << 16

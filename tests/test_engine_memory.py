@@ -117,3 +117,45 @@ def test_pass_two_guard_zeroes_large_gradients_through_word_views(dtype):
                 assert torch.equal(p.grad, torch.zeros_like(p)) and not torch.signbit(p.grad).any()
             else:
                 assert torch.equal(p.grad, hi)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("theta", [0.4, 1.0])
+def test_tiles_of_any_size_give_the_same_d(monkeypatch, dtype, theta):
+    """The absorb step's tiles (at most `flat_layout.TILE_ELEMENTS`, split inside tensors) change no bit of d, and the
+    perturbed weights only through the summation order of ‖d‖ (the fp32 sum of per-tile norms): tiles of 7 and 300
+    elements against one tile per cohort, over 3 steps with a non-finite gradient in the middle."""
+    import hf_vasso.flat_layout as flat_layout
+
+    def run(tile_elements: int):
+        monkeypatch.setattr(flat_layout, "TILE_ELEMENTS", tile_elements)
+        params = [p.detach().clone().requires_grad_() for p in _model(DTYPES[dtype]).parameters()]
+        update = VassoUpdate(params, rho=0.05, theta=theta)
+        torch.manual_seed(3)
+        d, moved = [], []
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            if step == 1:
+                params[2].grad.view(-1)[5] = float("inf")
+            update.absorb_gradient()
+            before = [p.detach().clone() for p in params]
+            update.perturb()
+            moved.append([(p.detach().double() - b.double(), b.double().abs()) for p, b in zip(params, before)])
+            d.append([t.clone() for t in update.d])
+            update.restore()
+            assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+        return d, moved, update.pop_metrics()
+
+    d, moved, metrics = run(1 << 30)
+    assert metrics["vasso/nonfinite_fraction"] > 0 and metrics["vasso/adversary_fraction"] > 0
+    tolerance = torch.finfo(DTYPES[dtype]).eps  # the scale rounded otherwise can flip one rounding of w + ε
+    for size in (7, 300):
+        tiled_d, tiled_moved, tiled_metrics = run(size)
+        assert all(torch.equal(a, b) for x, y in zip(d, tiled_d) for a, b in zip(x, y))
+        for x, y in zip(moved, tiled_moved):  # ε within the norm's summation error, then one rounding of w + ε
+            assert all(
+                ((a - b).abs() <= tolerance * (w + a.abs()) + 1e-5 * a.abs()).all() for (a, w), (b, _) in zip(x, y)
+            )
+        assert tiled_metrics.keys() == metrics.keys()
+        assert all(abs(tiled_metrics[k] - metrics[k]) <= 1e-5 * (1 + abs(metrics[k])) for k in metrics)

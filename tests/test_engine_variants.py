@@ -255,3 +255,38 @@ def test_adaptive_is_saved_and_a_change_is_logged(caplog):
     with caplog.at_level("WARNING", logger="hf_vasso"):
         b.load_state_dict(state)
     assert "adaptive changed at resume: True → False" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "ASAM"])
+def test_low_precision_weights_move_by_eps_within_one_rounding(dtype, adaptive):
+    """Weights in bf16 or fp16 beside an fp32 one land within one rounding of their dtype of w + ε, ε computed in
+    float64 from the engine's fp32 d, over 3 steps; the restore is exact. bf16 under the plain geometry is moved by d
+    rounded to bf16, fp16 and ASAM through fp32 copies of the weights (`update._perturb`)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (32,), (300,), (7, 5)]
+    params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+    params.append(torch.randn(16, generator=g).requires_grad_())  # an fp32 tensor in the same group
+    rho = 0.1
+    update = VassoUpdate(params, rho=rho, theta=0.3, adaptive=adaptive)
+    for _ in range(3):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(p.dtype)
+        before = [p.detach().clone() for p in params]
+        update.absorb_gradient()
+        d = [t.double() for t in update.d]
+        w = [b.double() for b in before]
+        if adaptive:
+            norm = torch.sqrt(sum(((wi.abs() * di) ** 2).sum() for wi, di in zip(w, d)))
+            eps = [rho * wi * wi * di / norm for wi, di in zip(w, d)]
+        else:
+            norm = torch.sqrt(sum((di**2).sum() for di in d))
+            eps = [rho * di / norm for di in d]
+        update.perturb()
+        for p, wi, ei in zip(params, w, eps):
+            exact = wi + ei
+            finfo = torch.finfo(p.dtype)
+            assert ((p.detach().double() - exact).abs() <= finfo.eps * (exact.abs() + ei.abs()) + finfo.tiny).all()
+            assert not torch.equal(p.detach().double(), wi)  # it moved
+        update.restore()
+        assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
