@@ -45,6 +45,13 @@ def test_bookkeeping_quick(tmp_path):
         assert r["state_x"] == pytest.approx(r["state_bytes"] / r["trainable_bytes"], abs=1e-3)
         assert r["peak_extra_x"] == pytest.approx(r["peak_extra_bytes"] / r["trainable_bytes"], abs=1e-3)
         assert r["peak_bound_x"] > r["state_x"]
+        if r["implementation"] == "VASSO" and r["geometry"] == "plain":  # each part of the step timed against its peer
+            phases = r["phases_ms"]
+            assert len(phases) == 4 and list(phases)[-1].startswith("pass-2 check")
+            assert all(ours > 0 for ours, _ in phases.values())
+            assert [official is not None for _, official in phases.values()] == [True, True, True, False]
+        else:
+            assert r["phases_ms"] is None
         if r["implementation"] == "VASSO":
             # The allocator's account of the state agrees with the engine's own (metric scalars aside).
             assert r["state_bytes"] == pytest.approx(r["state_bytes_reported"], rel=0.01)
@@ -61,6 +68,8 @@ def test_bookkeeping_quick(tmp_path):
     assert checked_official == len(WORKLOADS) * 2
     md = (tmp_path / "bookkeeping.md").read_text()
     assert_provenance(md, "benchmarks/bookkeeping.py")
-    assert "## Time and streamed passes" in md and "## Peak memory" in md
-    # two tables, each a header, a rule and one line per row
-    assert md.count("\n| ") == 2 * (2 + len(rows))
+    assert "## Time and streamed passes" in md and "## Peak memory" in md and "## Where the time goes" in md
+    # two tables of a header, a rule and one line per row; the parts table, 4 lines per plain VASSO row
+    parts = 4 * sum(r["phases_ms"] is not None for r in rows)
+    assert parts == 4 * len(WORKLOADS) * 2
+    assert md.count("\n| ") == 2 * (2 + len(rows)) + 2 + parts
