@@ -541,30 +541,46 @@ class VassoUpdate:
         return self.param_names[i] if self.param_names else f"parameter #{i}"
 
 
+# Tensors below this many elements are moved by a mixed-dtype op directly: there the per-op overhead outweighs the
+# mixed op's slower loop, and staging would add ops (LoRA adapters are all this small).
+_STAGE_FROM = 1 << 16
+
+
 def _perturb(
     geometry: AdversaryGeometry, weights: list[torch.Tensor], d: list[torch.Tensor], scales: list[torch.Tensor]
 ) -> None:
-    """`geometry.perturb_` on weights of any dtype, with no mixed-dtype arithmetic and no model-sized temporary.
-
-    Mixed bf16/fp32 arithmetic on a CPU runs element by element, several times slower than the same op in one dtype,
-    so every op here is in one dtype:
-    - fp32 weights: the geometry works on them directly.
-    - bf16 weights under a geometry with ε ∝ d (`eps_parallel_to_d`): d is rounded to bf16 in a scratch and
+    """`geometry.perturb_` on weights of any dtype, with no model-sized temporary and, on large tensors, no
+    mixed-dtype arithmetic (on a CPU a mixed bf16/fp32 op runs element by element, several times slower):
+    - fp32 weights, and tensors of fewer than `_STAGE_FROM` elements and at most half the largest: the geometry works
+      on them directly (a mixed-dtype op computes w + ε in fp32 and rounds once).
+    - large bf16 weights under a geometry with ε ∝ d (`eps_parallel_to_d`): d is rounded to bf16 in a scratch, and
       w + scale·d is computed in fp32 inside the op and rounded once. Rounding d first changes ε by at most 2^-9 of
       itself, far below the rounding of w + ε to bf16; bf16 has fp32's range, so no component is lost.
-    - other weights (fp16, whose range would lose small d; any dtype under ASAM): copied to fp32, moved, copied back.
-    The scratch is one tensor the size of the largest staged tensor, used a batch at a time.
+    - other large weights (fp16, whose range would lose small d; any dtype under ASAM): copied to fp32, moved, and
+      copied back.
+    The scratch is the largest tensor's fp32 bytes (twice its elements in bf16), used a batch of tensors at a time.
     """
-    direct = [k for k, w in enumerate(weights) if w.dtype == torch.float32]
-    d_staged = [k for k, w in enumerate(weights) if w.dtype == torch.bfloat16 and geometry.eps_parallel_to_d]
-    w_staged = [k for k in range(len(weights)) if k not in set(direct) | set(d_staged)]
+    direct, d_staged, w_staged = [], [], []
+    largest = max((w.numel() for w in weights), default=0)
+    for k, w in enumerate(weights):
+        # A mixed-dtype op on a CPU allocates two fp32 copies of its tensor: at most half the largest keeps the peak
+        # within one fp32 tensor of the largest, as the scratch does.
+        if w.dtype == torch.float32 or (w.numel() < _STAGE_FROM and 2 * w.numel() <= largest):
+            direct.append(k)
+        elif w.dtype == torch.bfloat16 and geometry.eps_parallel_to_d:
+            d_staged.append(k)
+        else:
+            w_staged.append(k)
+    if len(direct) == len(weights):
+        geometry.perturb_(weights, d, scales)
+        return
     if direct:
         geometry.perturb_([weights[k] for k in direct], [d[k] for k in direct], [scales[k] for k in direct])
-    for batch, views in _staging_batches([d[k] for k in d_staged], torch.bfloat16):
+    for batch, views in _staging_batches([d[k] for k in d_staged], torch.bfloat16, 2 * largest):
         torch._foreach_copy_(views, [d[d_staged[j]] for j in batch])
         ks = [d_staged[j] for j in batch]
         geometry.perturb_([weights[k] for k in ks], views, [scales[k] for k in ks])
-    for batch, views in _staging_batches([weights[k] for k in w_staged], torch.float32):
+    for batch, views in _staging_batches([weights[k] for k in w_staged], torch.float32, largest):
         chunk = [weights[w_staged[j]] for j in batch]
         torch._foreach_copy_(views, chunk)
         ks = [w_staged[j] for j in batch]
@@ -573,13 +589,14 @@ def _perturb(
 
 
 def _staging_batches(
-    tensors: list[torch.Tensor], dtype: torch.dtype
+    tensors: list[torch.Tensor], dtype: torch.dtype, capacity: int
 ) -> Iterable[tuple[list[int], list[torch.Tensor]]]:
-    """`(indices, views)` batches of `tensors` whose sizes fit one scratch tensor of `dtype` the size of the largest:
-    `views[j]` is shaped like `tensors[indices[j]]`; the views of one batch are laid end to end in the scratch."""
+    """`(indices, views)` batches of `tensors` that fit one scratch tensor of `dtype` and `capacity` elements (at
+    least the largest of them): `views[j]` is shaped like `tensors[indices[j]]`, laid end to end in the scratch."""
     if not tensors:
         return
-    scratch = torch.empty(max(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
+    capacity = max(capacity, max(t.numel() for t in tensors))
+    scratch = torch.empty(capacity, dtype=dtype, device=tensors[0].device)
     batch: list[int] = []
     used = 0
     for k in list(range(len(tensors))) + [None]:
@@ -606,7 +623,7 @@ def _fp32_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """
     dtypes = {t.dtype for t in tensors}
     if tensors[0].device.type == "cpu" and torch.bfloat16 in dtypes and dtypes <= {torch.bfloat16, torch.float32}:
-        return [n.float() for n in torch._foreach_norm(tensors, 2)]
+        return list(torch.stack(torch._foreach_norm(tensors, 2)).float().unbind())  # one cast, not one per tensor
     return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
 
 

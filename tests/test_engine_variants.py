@@ -261,13 +261,14 @@ def test_adaptive_is_saved_and_a_change_is_logged(caplog):
 @pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "ASAM"])
 def test_low_precision_weights_move_by_eps_within_one_rounding(dtype, adaptive):
     """Weights in bf16 or fp16 beside an fp32 one land within one rounding of their dtype of w + ε, ε computed in
-    float64 from the engine's fp32 d, over 3 steps; the restore is exact. bf16 under the plain geometry is moved by d
-    rounded to bf16, fp16 and ASAM through fp32 copies of the weights (`update._perturb`)."""
+    float64 from the engine's fp32 d, over 3 steps; the restore is exact. A large bf16 tensor under the plain geometry
+    is moved by d rounded to bf16, a large fp16 one and ASAM through fp32 copies, small ones by mixed-dtype ops
+    (`update._perturb`)."""
     g = torch.Generator().manual_seed(0)
-    shapes = [(64, 32), (32,), (300,), (7, 5)]
+    shapes = [(300, 250), (64, 32), (32,), (300,), (7, 5)]  # the first is staged (update._STAGE_FROM), the rest not
     params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
     params.append(torch.randn(16, generator=g).requires_grad_())  # an fp32 tensor in the same group
-    rho = 0.1
+    rho = 1.0  # ε large enough to move some element of every tensor in bf16
     update = VassoUpdate(params, rho=rho, theta=0.3, adaptive=adaptive)
     for _ in range(3):
         for p in params:
@@ -286,7 +287,9 @@ def test_low_precision_weights_move_by_eps_within_one_rounding(dtype, adaptive):
         for p, wi, ei in zip(params, w, eps):
             exact = wi + ei
             finfo = torch.finfo(p.dtype)
-            assert ((p.detach().double() - exact).abs() <= finfo.eps * (exact.abs() + ei.abs()) + finfo.tiny).all()
+            # one rounding of w + ε, and the fp32 norm's own error (relative, ~1e-6 over 77k elements)
+            tolerance = finfo.eps * (exact.abs() + ei.abs()) + 1e-5 * ei.abs() + finfo.tiny
+            assert ((p.detach().double() - exact).abs() <= tolerance).all()
             assert not torch.equal(p.detach().double(), wi)  # it moved
         update.restore()
         assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
