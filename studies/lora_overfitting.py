@@ -16,18 +16,22 @@ responses (a random cycle among the chosen pairs, drawn per seed; validation and
 - Every run writes `<out>/lora_overfitting[_<profile>]/<run>.json` the moment it finishes; a run whose file exists is
   skipped, so an interrupted study continues where it stopped. The plan runs seed 0's grids (both conditions) first.
 
-    python studies/lora_overfitting.py                # CPU profile: 48 pairs, 8 epochs, 3 seeds (hours on 2 cores)
+    python studies/lora_overfitting.py                # CPU profile: 24 pairs, 6 epochs, 3 seeds (2 h on 2 cores)
     python studies/lora_overfitting.py --profile gpu  # all 218 training pairs, 5 epochs, 4 seeds, on one GPU
     python studies/lora_overfitting.py --report-only  # the table and plot from the runs finished so far
     python studies/lora_overfitting.py --quick        # seconds: a tiny Llama, 8 pairs, 2 epochs, 2 seeds (the tests)
 
-Set OMP_NUM_THREADS to the cores you give it.
+Set OMP_NUM_THREADS to the cores you give it. Several processes started with the same command share the plan: each
+claims a run before it trains it (a `<run>.claim` file under `--work_dir` holding its process id; a dead process's
+claim is taken over), and the later seeds wait for every seed-0 run to finish, since their rho comes from them. On 2
+cores, two processes with OMP_NUM_THREADS=1 finish sooner than one with 2 threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import random
@@ -43,10 +47,12 @@ from transformers import TrainerCallback  # noqa: E402
 
 NAME = "lora_overfitting"
 PROFILES = {  # train_pairs None = every training pair of the LoRA study's split (218)
-    "cpu": dict(train_pairs=48, epochs=8, seeds=(0, 1, 2), rho_grid=(0.05, 0.2), batch=8),
+    # 24 pairs x 6 epochs in batches of 4 (36 steps): 48 pairs x 8 epochs in batches of 8 measured 11 min a two-pass
+    # run, 4.7 h for the plan on 2 cores; 24 pairs reach their validation minimum at epoch 3 (AdamW, 8 epochs)
+    "cpu": dict(train_pairs=24, epochs=6, seeds=(0, 1, 2), rho_grid=(0.05, 0.2), batch=4),
     # batches of 16: a 135M model's step on a GPU is bound by kernel launches, so twice the pairs cost about the same
     "gpu": dict(train_pairs=None, epochs=5, seeds=(0, 1, 2, 3), rho_grid=(0.05, 0.2), batch=16),
-    "quick": dict(train_pairs=8, epochs=2, seeds=(0, 1), rho_grid=(0.05, 0.2), batch=4),
+    "quick": dict(train_pairs=8, epochs=2, seeds=(0, 1), rho_grid=(0.05, 0.2), batch=4, eval_pairs=4),
 }
 CONDITIONS = {"clean": 0.0, "wrong30": 0.3}  # key: fraction of training responses replaced
 CONDITION_NAMES = {"clean": "clean", "wrong30": "30% wrong responses"}
@@ -57,6 +63,9 @@ METHODS = {  # key: (name, VASSO fields or None for the plain Trainer, condition
     "vasso0.2": ("VASSO θ=0.2", dict(theta=0.2, adversary_prob=1.0), ("wrong30",)),
     "evasso": ("eVASSO θ=0.4 p=0.3", dict(theta=0.4, adversary_prob=0.3), ("clean", "wrong30")),
 }
+# eVASSO is VASSO θ=0.4 with the adversary on a random 30% of the steps: it takes VASSO θ=0.4's rho (as the paper
+# does), which saves its grid (2 of the plan's runs).
+RHO_FROM = {"evasso": "vasso0.4"}
 
 
 def run_key(condition: str, method: str, rho: float | None, seed: int) -> str:
@@ -107,7 +116,7 @@ def run(plan: dict, condition: str, method: str, rho: float | None, seed: int, d
     name, vasso, _ = METHODS[method]
     train, wrong = corrupt(data["train_text"], CONDITIONS[condition], seed)
     settings = lora.training_settings(
-        os.path.join(plan["work_dir"], "run"),
+        os.path.join(plan["work_dir"], run_key(condition, method, rho, seed)),
         seed,
         use_cpu=plan["profile"] != "gpu",
         num_train_epochs=plan["epochs"],
@@ -152,24 +161,49 @@ def run(plan: dict, condition: str, method: str, rho: float | None, seed: int, d
 
 def the_plan(profile: dict) -> tuple[list[tuple], list[tuple]]:
     """`(grid, seeds)`: seed 0's runs of every rho of the grid (both conditions, most informative, run first), and the
-    later seeds' runs, whose rho is the one chosen on seed 0 (None until then)."""
+    other runs `(condition, method, seed)`, whose rho is the one chosen on seed 0's grid (None until then): the later
+    seeds, and seed 0 of the methods that take another method's rho (`RHO_FROM`)."""
     first, rest = profile["seeds"][0], profile["seeds"][1:]
     grid = []
     for condition in CONDITIONS:
         for method, (_, vasso, conditions) in METHODS.items():
-            if condition in conditions:
+            if condition in conditions and method not in RHO_FROM:
                 grid += [(condition, method, rho, first) for rho in ([None] if vasso is None else profile["rho_grid"])]
-    seeds = [(c, m, s) for s in rest for c in CONDITIONS for m, (_, _, runs_in) in METHODS.items() if c in runs_in]
+    seeds = [(c, m, first) for c in CONDITIONS for m in RHO_FROM if c in METHODS[m][2]]
+    seeds += [(c, m, s) for s in rest for c in CONDITIONS for m, (_, _, runs_in) in METHODS.items() if c in runs_in]
     return grid, seeds
 
 
 def chosen_rho(runs: dict, profile: dict, condition: str, method: str) -> float | None:
-    """The rho of the grid whose seed-0 run had the lowest best validation loss (among the finished ones)."""
+    """The rho of the grid whose seed-0 run had the lowest best validation loss (among the finished ones), of the
+    method itself or of the one it takes its rho from."""
     if METHODS[method][1] is None:
         return None
-    keys = [run_key(condition, method, rho, profile["seeds"][0]) for rho in profile["rho_grid"]]
+    source = RHO_FROM.get(method, method)
+    keys = [run_key(condition, source, rho, profile["seeds"][0]) for rho in profile["rho_grid"]]
     done = [runs[k] for k in keys if k in runs]
     return min(done, key=lambda r: r["validation_at_selected"])["rho"] if done else None
+
+
+def claim(claims: str, key: str) -> bool:
+    """Whether this process may train run `key`: True when it created `<claims>/<key>.claim` or took it over from a
+    process that is gone (the file holds the claimant's process id)."""
+    path = os.path.join(claims, key + ".claim")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        with open(path) as f:
+            pid = int(f.read() or 0)
+        try:
+            if pid != os.getpid():
+                os.kill(pid, 0)  # raises when that process is gone
+                return False
+        except ProcessLookupError:
+            pass
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def load_runs(folder: str) -> dict:
@@ -217,7 +251,8 @@ def write_report(runs: dict, profile: dict, out: str, stem: str) -> str:
         f"{first['steps']} optimizer steps), lr 1e-3 with cosine decay, validation loss ({s['validation']} pairs) "
         f"after every epoch; loss on the response tokens only. Conditions: clean, and 30% of the training responses "
         f"replaced by other training pairs' responses (drawn per seed; validation and test clean). rho chosen from "
-        f"{list(profile['rho_grid'])} by seed {profile['seeds'][0]}'s best validation loss, per condition. Each run "
+        f"{list(profile['rho_grid'])} by seed {profile['seeds'][0]}'s best validation loss, per condition and method "
+        f"(eVASSO takes VASSO θ=0.4's rho). Each run "
         f"is tested ({s['test']} held-out pairs) at the epoch its validation loss chose and at the last epoch; "
         f"mean ± std over seeds. Gap = last − selected.",
         "",
@@ -299,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = lora.load_data(args.quick)
     if profile["train_pairs"] is not None:
         data["train"] = data["train"].select(range(profile["train_pairs"]))
+    for split in ("validation", "test"):  # the quick mode's 23 runs spend most of their time evaluating
+        data[split] = data[split].select(range(min(profile.get("eval_pairs", len(data[split])), len(data[split]))))
     sizes = {split: len(rows) for split, rows in data.items()}
     train_text = data.pop("train")
     data = lora.tokenise(data, tokenizer)
@@ -316,9 +353,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "--out, or remove them."
             )
 
+    # claims live beside the scratch runs, in a folder per results folder (a quick test never waits on a real study)
+    claims = os.path.join(args.work_dir, "claims-" + hashlib.sha1(os.path.abspath(runs_dir).encode()).hexdigest()[:12])
+    os.makedirs(claims, exist_ok=True)
+
     def do(condition: str, method: str, rho: float | None, seed: int) -> None:
         key = run_key(condition, method, rho, seed)
-        if key in runs:
+        runs.update(load_runs(runs_dir))  # another process may have finished it
+        if key in runs or not claim(claims, key):
             return
         r = run(plan, condition, method, rho, seed, data, tokenizer, folder)
         _common.write_json(os.path.join(runs_dir, key + ".json"), r)
@@ -331,8 +373,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     grid, seeds = the_plan(profile)
-    for condition, method, rho, seed in grid:
-        do(condition, method, rho, seed)
+    while True:  # the later seeds' rho needs every seed-0 run, some of which other processes may be training
+        for condition, method, rho, seed in grid:
+            do(condition, method, rho, seed)
+        if all(run_key(*g) in runs for g in grid):
+            break
+        time.sleep(20)
     for condition, method, seed in seeds:
         do(condition, method, chosen_rho(runs, profile, condition, method), seed)
     print(write_report(runs, profile, args.out, stem))
