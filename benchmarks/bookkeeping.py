@@ -509,9 +509,9 @@ def markdown(rows, info, cmd) -> str:
         "",
         "Median step; ratio to the fastest peer = median over rounds of the paired ratio (target for `VASSO`: "
         "<= 1.0). Passes = elements read + written by the step's aten ops over the trainable elements (floor with "
-        f"exact restore and the guards: about {FLOOR_PASSES}: the EMA fused with its norm 3, the save 2, the "
-        "perturbation 3, the restore 2); bytes = bytes read + written over the trainable bytes (d in fp32 counts "
-        "double for bf16 weights).",
+        f"exact restore: about {FLOOR_PASSES}: the EMA fused with its norm 3, the save 2, the perturbation 3, the "
+        f"restore 2; {FLOOR_PASSES + 2} with the reads of the two non-finite checks, see below); bytes = bytes read "
+        "+ written over the trainable bytes (d in fp32 counts double for bf16 weights).",
         "",
         "| workload | dtype | geometry | tensors | params (M) | implementation | median ms | ratio to fastest peer "
         "| passes | bytes streamed |",
