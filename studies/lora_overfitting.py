@@ -186,23 +186,36 @@ def chosen_rho(runs: dict, profile: dict, condition: str, method: str) -> float 
 
 
 def claim(claims: str, key: str) -> bool:
-    """Whether this process may train run `key`: True when it created `<claims>/<key>.claim` or took it over from a
-    process that is gone (the file holds the claimant's process id)."""
+    """Whether this process may train run `key`: True when it created `<claims>/<key>.claim` or the claim is its own
+    or that of a process that is gone (the file holds the claimant's process id)."""
     path = os.path.join(claims, key + ".claim")
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        with open(path) as f:
-            pid = int(f.read() or 0)
-        try:
-            if pid != os.getpid():
-                os.kill(pid, 0)  # raises when that process is gone
-                return False
-        except ProcessLookupError:
-            pass
+        if claimed_elsewhere(claims, key):
+            return False
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
+    return True
+
+
+def claimed_elsewhere(claims: str, key: str) -> bool:
+    """Whether another live process holds the claim on run `key` (an empty claim is one being written)."""
+    try:
+        with open(os.path.join(claims, key + ".claim")) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return False
+    if not text:
+        return True
+    pid = int(text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # raises when that process is gone
+    except ProcessLookupError:
+        return False
     return True
 
 
@@ -381,6 +394,11 @@ def main(argv: list[str] | None = None) -> dict:
         time.sleep(20)
     for condition, method, seed in seeds:
         do(condition, method, chosen_rho(runs, profile, condition, method), seed)
+    # Wait for the runs other live processes are still training, then re-read: every process writes the same report.
+    keys = [run_key(*g) for g in grid] + [run_key(c, m, chosen_rho(runs, profile, c, m), s) for c, m, s in seeds]
+    while any(k not in load_runs(runs_dir) and claimed_elsewhere(claims, k) for k in keys):
+        time.sleep(5)
+    runs = load_runs(runs_dir)
     print(write_report(runs, profile, args.out, stem))
     return runs
 

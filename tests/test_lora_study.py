@@ -81,8 +81,8 @@ def test_corruption_moves_responses_along_a_cycle_of_the_chosen_pairs():
 
 
 def test_a_claim_belongs_to_one_live_process(tmp_path):
-    """A run is claimed once: by this process (again), not while another live process holds it, and taken over from
-    a process that is gone."""
+    """A run is claimed once: by this process (again), not while another live process holds it (or is writing its
+    claim), and taken over from a process that is gone."""
     study = overfitting_study()
     claims = str(tmp_path)
     assert study.claim(claims, "a") and study.claim(claims, "a")
@@ -92,6 +92,9 @@ def test_a_claim_belongs_to_one_live_process(tmp_path):
     gone.wait()
     (tmp_path / "c.claim").write_text(str(gone.pid))
     assert study.claim(claims, "c") and (tmp_path / "c.claim").read_text() == str(os.getpid())
+    (tmp_path / "d.claim").write_text("")  # being written by its claimant
+    assert not study.claim(claims, "d") and study.claimed_elsewhere(claims, "d")
+    assert not study.claimed_elsewhere(claims, "a") and not study.claimed_elsewhere(claims, "never")
 
 
 def test_keep_best_restores_the_weights_of_the_lowest_validation_loss():
