@@ -16,15 +16,15 @@ responses (a random cycle among the chosen pairs, drawn per seed; validation and
 - Every run writes `<out>/lora_overfitting[_<profile>]/<run>.json` the moment it finishes; a run whose file exists is
   skipped, so an interrupted study continues where it stopped. The plan runs seed 0's grids (both conditions) first.
 
-    python studies/lora_overfitting.py                # CPU profile: 24 pairs, 6 epochs, 3 seeds (2 h on 2 cores)
+    python studies/lora_overfitting.py                # CPU profile: 24 pairs, 6 epochs, 3 seeds (about 2 h, 2 cores)
     python studies/lora_overfitting.py --profile gpu  # all 218 training pairs, 5 epochs, 4 seeds, on one GPU
     python studies/lora_overfitting.py --report-only  # the table and plot from the runs finished so far
     python studies/lora_overfitting.py --quick        # seconds: a tiny Llama, 8 pairs, 2 epochs, 2 seeds (the tests)
 
 Set OMP_NUM_THREADS to the cores you give it. Several processes started with the same command share the plan: each
 claims a run before it trains it (a `<run>.claim` file under `--work_dir` holding its process id; a dead process's
-claim is taken over), and the later seeds wait for every seed-0 run to finish, since their rho comes from them. On 2
-cores, two processes with OMP_NUM_THREADS=1 finish sooner than one with 2 threads.
+claim is taken over), and the later seeds wait for every seed-0 run to finish, since their rho comes from them. The
+published runs were made by two processes with OMP_NUM_THREADS=1 on 2 cores.
 """
 
 from __future__ import annotations
