@@ -26,7 +26,7 @@ class AdversaryGeometry(abc.ABC):
     """The contract of an adversary geometry (stateless; the engine builds one instance per param group).
 
     All tensors are this rank's local shards, in one list order: `weights[i]` the weight, `d[i]` its fp32 d (for
-    bf16 weights under a geometry with `eps_parallel_to_d`, `perturb_` gets d rounded to bf16: see
+    large bf16 weights under a geometry with `eps_parallel_to_d`, `perturb_` gets d rounded to bf16: see
     `update._perturb`). The engine sums `sq_norm` over the groups and over the ranks (each element counted once),
     then calls `perturb_` with `scales[i] = ρ_group / sqrt(that sum)` (0 where the norm is zero or not finite), all
     0-d device tensors.
