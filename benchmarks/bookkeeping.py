@@ -246,19 +246,22 @@ def clock(device) -> float:
     return time.perf_counter() if device.type == "cuda" else time.thread_time()
 
 
+def timed(fn, device) -> tuple[float, object]:
+    """(seconds `fn()` took on `clock`, its result), the device synchronised on both sides."""
+    sync(device)
+    t0 = clock(device)
+    out = fn()
+    sync(device)
+    return clock(device) - t0, out
+
+
 def timed_step(runner, params, g, h, device) -> float:
     """One step; only first/second are timed (setting the gradients stands in for the passes)."""
     set_grads(params, g)
-    sync(device)
-    t0 = clock(device)
-    runner.first()
-    sync(device)
-    t1 = clock(device)
+    first, _ = timed(runner.first, device)
     set_grads(params, h)
-    t2 = clock(device)
-    runner.second()
-    sync(device)
-    return (t1 - t0) + (clock(device) - t2)
+    second, _ = timed(runner.second, device)
+    return first + second
 
 
 # ------------------------------------------------------------------ streamed passes
@@ -388,12 +391,9 @@ def phase_times(params, g, h, rounds, device) -> dict[str, list[float | None]]:
     ours, official = VassoUpdate(params, rho=RHO, theta=THETA), OfficialOps(params, RHO, THETA)
     times: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for label in PHASES}
 
-    def timed(fn, into):
-        sync(device)
-        t0 = clock(device)
-        out = fn()
-        sync(device)
-        into.append(clock(device) - t0)
+    def timed_into(fn, into):
+        seconds, out = timed(fn, device)
+        into.append(seconds)
         return out
 
     def slot(phase: int, who: int, record: bool) -> list[float]:
@@ -401,18 +401,18 @@ def phase_times(params, g, h, rounds, device) -> dict[str, list[float | None]]:
 
     def run_ours(record: bool):
         set_grads(params, g)
-        timed(ours.absorb_gradient, slot(0, 0, record))
-        timed(ours.perturb, slot(1, 0, record))
+        timed_into(ours.absorb_gradient, slot(0, 0, record))
+        timed_into(ours.perturb, slot(1, 0, record))
         set_grads(params, h)
-        timed(ours.restore, slot(2, 0, record))
-        timed(ours.guard_perturbed_gradient, slot(3, 0, record))
+        timed_into(ours.restore, slot(2, 0, record))
+        timed_into(ours.guard_perturbed_gradient, slot(3, 0, record))
 
     def run_official(record: bool):
         set_grads(params, g)
-        scale = timed(official.ema_and_norm, slot(0, 1, record))
-        timed(lambda: official.move(scale), slot(1, 1, record))
+        scale = timed_into(official.ema_and_norm, slot(0, 1, record))
+        timed_into(lambda: official.move(scale), slot(1, 1, record))
         set_grads(params, h)
-        timed(official.second_step, slot(2, 1, record))
+        timed_into(official.second_step, slot(2, 1, record))
 
     for _ in range(2):  # warm-up: lazy state
         run_ours(False)
