@@ -30,6 +30,10 @@ class AdversaryGeometry(abc.ABC):
     `update._perturb`). The engine sums `sq_norm` over the groups and over the ranks (each element counted once),
     then calls `perturb_` with `scales[i] = ρ_group / sqrt(that sum)` (0 where the norm is zero or not finite), all
     0-d device tensors.
+    Both methods must be elementwise in (w, d) (ε_i a function of w_i and d_i element by element, the squared norm a
+    sum of elementwise terms): low-precision weights reach them as fp32 copies of flat pieces of a tensor (see
+    `update._fp32_pieces`), the pieces' squared norms summed and each piece copied back after `perturb_`. Each method
+    may allocate temporaries of one tensor (or piece) at a time, never more.
     Neither method may read a tensor value on the host (no `.item()`, no Python `if` on a tensor).
 
     Class attributes the engine reads:
@@ -139,3 +143,4 @@ class AdaptiveAdversary(AdversaryGeometry):
             offset = di * wi
             offset.mul_(wi)
             wi.addcmul_(offset, si)
+            del offset  # freed before the next tensor's is allocated: one temporary at a time

@@ -343,7 +343,7 @@ class VassoUpdate:
             active = [i for i in group.indices if self.d[i] is not None]
             for cls, indices in self._reduction.split(active).items():
                 weights, d = [local(self.params[i]) for i in indices], [self.d[i] for i in indices]
-                partials[cls] = partials.get(cls, 0.0) + group.geometry.sq_norm(weights, d)
+                partials[cls] = partials.get(cls, 0.0) + _geometry_sq_norm_of(group.geometry, weights, d)
         return self._reduction.sum_over_ranks(partials)
 
     def _active_by_group(self) -> Iterable[tuple[list[torch.Tensor], list[torch.Tensor], _Group]]:
@@ -549,28 +549,34 @@ _STAGE_FROM = 1 << 16
 def _perturb(
     geometry: AdversaryGeometry, weights: list[torch.Tensor], d: list[torch.Tensor], scales: list[torch.Tensor]
 ) -> None:
-    """`geometry.perturb_` on weights of any dtype, with no model-sized temporary and, on large tensors, no
-    mixed-dtype arithmetic (on a CPU a mixed bf16/fp32 op runs element by element, several times slower):
-    - fp32 weights, and tensors of fewer than `_STAGE_FROM` elements and at most half the largest: the geometry works
-      on them directly (a mixed-dtype op computes w + ε in fp32 and rounds once).
-    - large bf16 weights under a geometry with ε ∝ d (`eps_parallel_to_d`): d is rounded to bf16 in a scratch, and
-      w + scale·d is computed in fp32 inside the op and rounded once. Rounding d first changes ε by at most 2^-9 of
-      itself, far below the rounding of w + ε to bf16; bf16 has fp32's range, so no component is lost.
-    - other large weights (fp16, whose range would lose small d; any dtype under ASAM): copied to fp32, moved, and
-      copied back.
-    The scratch is the largest tensor's fp32 bytes (twice its elements in bf16), used a batch of tensors at a time.
+    """`geometry.perturb_` on weights of any dtype, with at most the largest tensor's fp32 bytes of temporaries and,
+    on large tensors, no mixed-dtype arithmetic (on a CPU a mixed bf16/fp32 op runs element by element, several times
+    slower, and allocates an fp32 copy of its low-precision operand besides its result):
+    - fp32 weights: the geometry works on them directly (its own temporaries are one tensor at a time).
+    - low-precision weights under a geometry with ε ∝ d (`eps_parallel_to_d`): tensors of fewer than `_STAGE_FROM`
+      elements and at most half the largest directly (a mixed-dtype op computes w + ε in fp32 and rounds once); large
+      bf16 ones are moved by d rounded to bf16 in a scratch of the largest tensor's fp32 bytes, w + scale·d computed
+      in fp32 inside the op and rounded once. Rounding d first changes ε by at most 2^-9 of itself, far below the
+      rounding of w + ε to bf16; bf16 has fp32's range, so no component is lost.
+    - other low-precision weights (large fp16 ones, whose range would lose small d; all of them under ASAM): in fp32
+      pieces (`_fp32_pieces`) of at most half the largest tensor, moved and copied back, so that the pieces and the
+      geometry's temporary of one piece fit within one fp32 tensor of the largest.
     """
-    direct, d_staged, w_staged = [], [], []
     largest = max((w.numel() for w in weights), default=0)
+    direct, d_staged, in_pieces = [], [], []
     for k, w in enumerate(weights):
-        # A mixed-dtype op on a CPU allocates two fp32 copies of its tensor: at most half the largest keeps the peak
-        # within one fp32 tensor of the largest, as the scratch does.
-        if w.dtype == torch.float32 or (w.numel() < _STAGE_FROM and 2 * w.numel() <= largest):
+        if w.dtype == torch.float32:
             direct.append(k)
-        elif w.dtype == torch.bfloat16 and geometry.eps_parallel_to_d:
+        elif not geometry.eps_parallel_to_d:
+            in_pieces.append(k)
+        # A mixed-dtype op allocates two fp32 copies of its tensor: at most half the largest keeps the peak within
+        # one fp32 tensor of the largest, as the scratch does.
+        elif w.numel() < _STAGE_FROM and 2 * w.numel() <= largest:
+            direct.append(k)
+        elif w.dtype == torch.bfloat16:
             d_staged.append(k)
         else:
-            w_staged.append(k)
+            in_pieces.append(k)
     if len(direct) == len(weights):
         geometry.perturb_(weights, d, scales)
         return
@@ -580,12 +586,48 @@ def _perturb(
         torch._foreach_copy_(views, [d[d_staged[j]] for j in batch])
         ks = [d_staged[j] for j in batch]
         geometry.perturb_([weights[k] for k in ks], views, [scales[k] for k in ks])
-    for batch, views in _staging_batches([weights[k] for k in w_staged], torch.float32, largest):
-        chunk = [weights[w_staged[j]] for j in batch]
-        torch._foreach_copy_(views, chunk)
-        ks = [w_staged[j] for j in batch]
-        geometry.perturb_(views, [d[k] for k in ks], [scales[k] for k in ks])
-        torch._foreach_copy_(chunk, views)
+    pieces = _fp32_pieces([weights[k] for k in in_pieces], [d[k] for k in in_pieces], largest // 2)
+    for owners, w32, w_parts, d_parts in pieces:
+        geometry.perturb_(w32, d_parts, [scales[in_pieces[j]] for j in owners])
+        torch._foreach_copy_(w_parts, w32)
+
+
+def _geometry_sq_norm_of(
+    geometry: AdversaryGeometry, weights: list[torch.Tensor], d: list[torch.Tensor]
+) -> torch.Tensor:
+    """`geometry.sq_norm(weights, d)` with low-precision weights in fp32 pieces (`_fp32_pieces`, at most half the
+    largest tensor each): no mixed-dtype op, and temporaries within one fp32 tensor of the largest."""
+    low = [k for k, w in enumerate(weights) if w.dtype != torch.float32]
+    if not low:
+        return geometry.sq_norm(weights, d)
+    fp32 = [k for k, w in enumerate(weights) if w.dtype == torch.float32]
+    parts = [geometry.sq_norm([weights[k] for k in fp32], [d[k] for k in fp32])] if fp32 else []
+    largest = max(w.numel() for w in weights)
+    for _, w32, _, d_parts in _fp32_pieces([weights[k] for k in low], [d[k] for k in low], largest // 2):
+        parts.append(geometry.sq_norm(w32, d_parts))
+    return torch.stack(parts).sum()
+
+
+def _fp32_pieces(
+    weights: list[torch.Tensor], d: list[torch.Tensor], capacity: int
+) -> Iterable[tuple[list[int], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]:
+    """The weights in fp32, a scratch of `capacity` elements at a time: batches of `(owners, w32, w_parts, d_parts)`,
+    where `w32[j]` is an fp32 copy of `w_parts[j]`, a flat piece of `weights[owners[j]]` (the whole tensor, shaped,
+    when it fits or is not contiguous), and `d_parts[j]` the same piece of its d. The geometries are elementwise
+    (`AdversaryGeometry`), so their work on the pieces is their work on the tensors."""
+    parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    capacity = max(capacity, 1)
+    for k, (w, dk) in enumerate(zip(weights, d)):
+        n = w.numel()
+        if n <= capacity or not w.is_contiguous():
+            parts.append((k, w, dk))
+            continue
+        flat_w, flat_d = w.view(-1), dk.view(-1)
+        parts.extend((k, flat_w[a : a + capacity], flat_d[a : a + capacity]) for a in range(0, n, capacity))
+    for batch, views in _staging_batches([w for _, w, _ in parts], torch.float32, capacity):
+        w_parts = [parts[j][1] for j in batch]
+        torch._foreach_copy_(views, w_parts)
+        yield [parts[j][0] for j in batch], views, w_parts, [parts[j][2] for j in batch]
 
 
 def _staging_batches(

@@ -261,9 +261,9 @@ def test_adaptive_is_saved_and_a_change_is_logged(caplog):
 @pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "ASAM"])
 def test_low_precision_weights_move_by_eps_within_one_rounding(dtype, adaptive):
     """Weights in bf16 or fp16 beside an fp32 one land within one rounding of their dtype of w + ε, ε computed in
-    float64 from the engine's fp32 d, over 3 steps; the restore is exact. A large bf16 tensor under the plain geometry
-    is moved by d rounded to bf16, a large fp16 one and ASAM through fp32 copies, small ones by mixed-dtype ops
-    (`update._perturb`)."""
+    float64 from the engine's fp32 d, over 3 steps; the restore is exact. Under the plain geometry a large bf16 tensor
+    is moved by d rounded to bf16, a large fp16 one through fp32 copies in two pieces, small ones by mixed-dtype ops;
+    under ASAM every low-precision tensor goes through fp32 copies, the largest in two pieces (`update._perturb`)."""
     g = torch.Generator().manual_seed(0)
     shapes = [(300, 250), (64, 32), (32,), (300,), (7, 5)]  # the first is staged (update._STAGE_FROM), the rest not
     params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
