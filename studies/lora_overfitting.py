@@ -274,6 +274,7 @@ def write_report(runs: dict, profile: dict, out: str, stem: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(11, 4), sharey=True)
+    colour = {method: f"C{k}" for k, method in enumerate(METHODS)}  # one colour per method in both panels
     for ax, condition in zip(axes, CONDITIONS):
         for method, (name, _, conditions) in METHODS.items():
             if condition not in conditions:
@@ -293,7 +294,7 @@ def write_report(runs: dict, profile: dict, out: str, stem: str) -> str:
             )
             curve = [statistics.fmean(v) for v in zip(*(r["validation_curve"] for r in picked))]
             label = name + ("" if rho is None else f" (ρ={rho})")
-            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=label)
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=label, color=colour[method])
         ax.set_title(CONDITION_NAMES[condition])
         ax.set_xlabel("epoch")
         if ax.lines:  # a partial study may have no run of this condition yet
