@@ -142,5 +142,9 @@ class AdaptiveAdversary(AdversaryGeometry):
         for wi, di, si in zip(weights, d, scales):
             offset = di * wi
             offset.mul_(wi)
-            wi.addcmul_(offset, si)
+            if wi.dtype == offset.dtype:
+                wi.addcmul_(offset, si)
+            else:  # low precision: w + s·offset in fp32 into the offset, rounded once by the copy (no third temporary)
+                torch.addcmul(wi, offset, si, out=offset)
+                wi.copy_(offset)
             del offset  # freed before the next tensor's is allocated: one temporary at a time

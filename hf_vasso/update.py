@@ -553,27 +553,27 @@ def _perturb(
     on large tensors, no mixed-dtype arithmetic (on a CPU a mixed bf16/fp32 op runs element by element, several times
     slower, and allocates an fp32 copy of its low-precision operand besides its result):
     - fp32 weights: the geometry works on them directly (its own temporaries are one tensor at a time).
-    - low-precision weights under a geometry with ε ∝ d (`eps_parallel_to_d`): tensors of fewer than `_STAGE_FROM`
-      elements and at most half the largest directly (a mixed-dtype op computes w + ε in fp32 and rounds once); large
-      bf16 ones are moved by d rounded to bf16 in a scratch of the largest tensor's fp32 bytes, w + scale·d computed
-      in fp32 inside the op and rounded once. Rounding d first changes ε by at most 2^-9 of itself, far below the
-      rounding of w + ε to bf16; bf16 has fp32's range, so no component is lost.
-    - other low-precision weights (large fp16 ones, whose range would lose small d; all of them under ASAM): in fp32
-      pieces (`_fp32_pieces`) of at most half the largest tensor, moved and copied back, so that the pieces and the
-      geometry's temporary of one piece fit within one fp32 tensor of the largest.
+    - small low-precision tensors (fewer than `_STAGE_FROM` elements): directly, where per-op overhead outweighs the
+      mixed op's slower loop; a mixed-dtype op computes w + ε in fp32 and rounds once. Its two fp32 temporaries of
+      the tensor must fit in the largest: under ε ∝ d (`eps_parallel_to_d`) only tensors of at most half the largest
+      go this way; otherwise (ASAM) every small tensor does, in flat pieces of at most half the largest (`_split`).
+    - large bf16 weights under ε ∝ d: moved by d rounded to bf16 in a scratch of the largest tensor's fp32 bytes,
+      w + scale·d computed in fp32 inside the op and rounded once. Rounding d first changes ε by at most 2^-9 of
+      itself, far below the rounding of w + ε to bf16; bf16 has fp32's range, so no component is lost.
+    - other large low-precision weights (fp16 ones, whose range would lose small d; all of them under ASAM): in fp32
+      copies of pieces of at most half the largest tensor (`_fp32_pieces`), moved and copied back, so that the
+      pieces and the geometry's temporary of one piece fit within one fp32 tensor of the largest.
     """
     largest = max((w.numel() for w in weights), default=0)
-    direct, d_staged, in_pieces = [], [], []
+    direct, small, d_staged, in_pieces = [], [], [], []
     for k, w in enumerate(weights):
         if w.dtype == torch.float32:
             direct.append(k)
-        elif not geometry.eps_parallel_to_d:
-            in_pieces.append(k)
-        # A mixed-dtype op allocates two fp32 copies of its tensor: at most half the largest keeps the peak within
-        # one fp32 tensor of the largest, as the scratch does.
+        elif w.numel() < _STAGE_FROM and not geometry.eps_parallel_to_d:
+            small.append(k)
         elif w.numel() < _STAGE_FROM and 2 * w.numel() <= largest:
             direct.append(k)
-        elif w.dtype == torch.bfloat16:
+        elif w.dtype == torch.bfloat16 and geometry.eps_parallel_to_d:
             d_staged.append(k)
         else:
             in_pieces.append(k)
@@ -582,6 +582,9 @@ def _perturb(
         return
     if direct:
         geometry.perturb_([weights[k] for k in direct], [d[k] for k in direct], [scales[k] for k in direct])
+    if small:
+        owners, w_parts, d_parts = _split([weights[k] for k in small], [d[k] for k in small], largest // 2)
+        geometry.perturb_(w_parts, d_parts, [scales[small[j]] for j in owners])
     for batch, views in _staging_batches([d[k] for k in d_staged], torch.bfloat16, 2 * largest):
         torch._foreach_copy_(views, [d[d_staged[j]] for j in batch])
         ks = [d_staged[j] for j in batch]
@@ -595,39 +598,58 @@ def _perturb(
 def _geometry_sq_norm_of(
     geometry: AdversaryGeometry, weights: list[torch.Tensor], d: list[torch.Tensor]
 ) -> torch.Tensor:
-    """`geometry.sq_norm(weights, d)` with low-precision weights in fp32 pieces (`_fp32_pieces`, at most half the
-    largest tensor each): no mixed-dtype op, and temporaries within one fp32 tensor of the largest."""
+    """`geometry.sq_norm(weights, d)` within one fp32 tensor of the largest of temporaries, low-precision weights
+    routed as in `_perturb`: small ones directly in pieces of at most half the largest (a mixed-dtype op's two fp32
+    temporaries), large ones through fp32 copies of such pieces (no mixed-dtype op on a large tensor)."""
     low = [k for k, w in enumerate(weights) if w.dtype != torch.float32]
-    if not low:
+    if not low or geometry.sq_norm_is_d_sq:  # ‖d‖² does not read the weights
         return geometry.sq_norm(weights, d)
-    fp32 = [k for k, w in enumerate(weights) if w.dtype == torch.float32]
-    parts = [geometry.sq_norm([weights[k] for k in fp32], [d[k] for k in fp32])] if fp32 else []
     largest = max(w.numel() for w in weights)
-    for _, w32, _, d_parts in _fp32_pieces([weights[k] for k in low], [d[k] for k in low], largest // 2):
+    large = [k for k in low if weights[k].numel() >= _STAGE_FROM]
+    at_hand = [k for k in range(len(weights)) if k not in set(large)]  # fp32 and small low-precision tensors
+    parts = []
+    if at_hand:
+        _, w_parts, d_parts = _split([weights[k] for k in at_hand], [d[k] for k in at_hand], largest // 2)
+        parts.append(geometry.sq_norm(w_parts, d_parts))
+    for _, w32, _, d_parts in _fp32_pieces([weights[k] for k in large], [d[k] for k in large], largest // 2):
         parts.append(geometry.sq_norm(w32, d_parts))
     return torch.stack(parts).sum()
+
+
+def _split(
+    weights: list[torch.Tensor], d: list[torch.Tensor], capacity: int
+) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+    """`(owners, w_parts, d_parts)`: each tensor whole, or (when it has more than `capacity` elements and is
+    contiguous) cut into flat views of at most `capacity`; `w_parts[j]` and `d_parts[j]` are the same piece of
+    `weights[owners[j]]` and its d. The geometries are elementwise (`AdversaryGeometry`), so their work on the
+    pieces is their work on the tensors."""
+    owners, w_parts, d_parts = [], [], []
+    capacity = max(capacity, 1)
+    for k, (w, dk) in enumerate(zip(weights, d)):
+        n = w.numel()
+        if n <= capacity or not w.is_contiguous():
+            owners.append(k)
+            w_parts.append(w)
+            d_parts.append(dk)
+            continue
+        flat_w, flat_d = w.view(-1), dk.view(-1)
+        for a in range(0, n, capacity):
+            owners.append(k)
+            w_parts.append(flat_w[a : a + capacity])
+            d_parts.append(flat_d[a : a + capacity])
+    return owners, w_parts, d_parts
 
 
 def _fp32_pieces(
     weights: list[torch.Tensor], d: list[torch.Tensor], capacity: int
 ) -> Iterable[tuple[list[int], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]:
-    """The weights in fp32, a scratch of `capacity` elements at a time: batches of `(owners, w32, w_parts, d_parts)`,
-    where `w32[j]` is an fp32 copy of `w_parts[j]`, a flat piece of `weights[owners[j]]` (the whole tensor, shaped,
-    when it fits or is not contiguous), and `d_parts[j]` the same piece of its d. The geometries are elementwise
-    (`AdversaryGeometry`), so their work on the pieces is their work on the tensors."""
-    parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    capacity = max(capacity, 1)
-    for k, (w, dk) in enumerate(zip(weights, d)):
-        n = w.numel()
-        if n <= capacity or not w.is_contiguous():
-            parts.append((k, w, dk))
-            continue
-        flat_w, flat_d = w.view(-1), dk.view(-1)
-        parts.extend((k, flat_w[a : a + capacity], flat_d[a : a + capacity]) for a in range(0, n, capacity))
-    for batch, views in _staging_batches([w for _, w, _ in parts], torch.float32, capacity):
-        w_parts = [parts[j][1] for j in batch]
-        torch._foreach_copy_(views, w_parts)
-        yield [parts[j][0] for j in batch], views, w_parts, [parts[j][2] for j in batch]
+    """The weights' pieces (`_split`) as fp32 copies, a scratch of `capacity` elements at a time: batches of
+    `(owners, w32, w_parts, d_parts)`, `w32[j]` an fp32 copy of `w_parts[j]`."""
+    owners, w_parts, d_parts = _split(weights, d, capacity)
+    for batch, views in _staging_batches(w_parts, torch.float32, capacity):
+        batch_parts = [w_parts[j] for j in batch]
+        torch._foreach_copy_(views, batch_parts)
+        yield [owners[j] for j in batch], views, batch_parts, [d_parts[j] for j in batch]
 
 
 def _staging_batches(

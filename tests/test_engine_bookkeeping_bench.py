@@ -47,6 +47,9 @@ def test_bookkeeping_quick(tmp_path):
         assert r["state_x"] == pytest.approx(r["state_bytes"] / r["trainable_bytes"], abs=1e-3)
         assert r["peak_extra_x"] == pytest.approx(r["peak_extra_bytes"] / r["trainable_bytes"], abs=1e-3)
         assert r["peak_bound_x"] > r["state_x"]
+        largest_fp32 = (r["peak_bound_x"] - r["state_x"]) * r["trainable_bytes"]  # to the rounding of the two ratios
+        over = r["peak_extra_bytes"] - r["state_bytes"] - largest_fp32
+        assert r["peak_over_bound_bytes"] == pytest.approx(over, abs=1e-3 * r["trainable_bytes"])
         if r["implementation"] == "VASSO" and r["geometry"] == "plain":  # each part of the step timed against its peer
             phases = r["phases_ms"]
             assert len(phases) == 4 and list(phases)[-1].startswith("pass-2 check")

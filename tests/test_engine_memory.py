@@ -87,7 +87,7 @@ def test_peak_extra_within_state_plus_largest_tensor(dtype, adaptive):
     state = built["update"].state_bytes()
     assert held >= state  # the sentinel: the allocator saw the state being allocated
     largest = 4 * max(p.numel() for p in params)
-    slack = 1024  # the metric window's scalars and the per-tensor norms (0-d tensors), far below one tensor
+    slack = 8 * len(params) + 256  # 0-d scalars: the per-tensor norms and the metric window's, far below one tensor
     assert peak - state <= largest + slack, (peak - state) / largest
 
 

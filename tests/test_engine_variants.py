@@ -257,15 +257,25 @@ def test_adaptive_is_saved_and_a_change_is_logged(caplog):
     assert "adaptive changed at resume: True → False" in caplog.text
 
 
+# The first shape set has one tensor of at least update._STAGE_FROM elements (staged), the rest small; in the second
+# all are small, and under ASAM the largest is cut into two pieces (`update._split`).
+SHAPE_SETS = {
+    "one-large": [(300, 250), (64, 32), (32,), (300,), (7, 5)],
+    "all-small": [(100, 50), (64, 32), (32,), (300,), (7, 5)],
+}
+
+
+@pytest.mark.parametrize("shapes", list(SHAPE_SETS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "ASAM"])
-def test_low_precision_weights_move_by_eps_within_one_rounding(dtype, adaptive):
+def test_low_precision_weights_move_by_eps_within_one_rounding(dtype, adaptive, shapes):
     """Weights in bf16 or fp16 beside an fp32 one land within one rounding of their dtype of w + ε, ε computed in
     float64 from the engine's fp32 d, over 3 steps; the restore is exact. Under the plain geometry a large bf16 tensor
     is moved by d rounded to bf16, a large fp16 one through fp32 copies in two pieces, small ones by mixed-dtype ops;
-    under ASAM every low-precision tensor goes through fp32 copies, the largest in two pieces (`update._perturb`)."""
+    under ASAM a large tensor goes through fp32 copies in two pieces, small ones by mixed-dtype ops, the largest of
+    them in two pieces (`update._perturb`)."""
     g = torch.Generator().manual_seed(0)
-    shapes = [(300, 250), (64, 32), (32,), (300,), (7, 5)]  # the first is staged (update._STAGE_FROM), the rest not
+    shapes = SHAPE_SETS[shapes]
     params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
     params.append(torch.randn(16, generator=g).requires_grad_())  # an fp32 tensor in the same group
     rho = 1.0  # ε large enough to move some element of every tensor in bf16
