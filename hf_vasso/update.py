@@ -598,18 +598,20 @@ def _perturb(
 def _geometry_sq_norm_of(
     geometry: AdversaryGeometry, weights: list[torch.Tensor], d: list[torch.Tensor]
 ) -> torch.Tensor:
-    """`geometry.sq_norm(weights, d)` within one fp32 tensor of the largest of temporaries, low-precision weights
-    routed as in `_perturb`: small ones directly in pieces of at most half the largest (a mixed-dtype op's two fp32
-    temporaries), large ones through fp32 copies of such pieces (no mixed-dtype op on a large tensor)."""
-    low = [k for k, w in enumerate(weights) if w.dtype != torch.float32]
-    if not low or geometry.sq_norm_is_d_sq:  # ‖d‖² does not read the weights
+    """`geometry.sq_norm(weights, d)` with temporaries of at most the largest tensor in fp32, low-precision weights
+    routed as in `_perturb`: small ones directly in pieces of at most half the largest (a mixed-dtype op holds two
+    fp32 temporaries), large ones through fp32 copies of such pieces (no mixed-dtype op on a large tensor)."""
+    if geometry.sq_norm_is_d_sq or all(w.dtype == torch.float32 for w in weights):  # ‖d‖² reads no weight
         return geometry.sq_norm(weights, d)
     largest = max(w.numel() for w in weights)
-    large = [k for k in low if weights[k].numel() >= _STAGE_FROM]
-    at_hand = [k for k in range(len(weights)) if k not in set(large)]  # fp32 and small low-precision tensors
+    fp32 = [k for k, w in enumerate(weights) if w.dtype == torch.float32]
+    small = [k for k, w in enumerate(weights) if w.dtype != torch.float32 and w.numel() < _STAGE_FROM]
+    large = [k for k, w in enumerate(weights) if w.dtype != torch.float32 and w.numel() >= _STAGE_FROM]
     parts = []
-    if at_hand:
-        _, w_parts, d_parts = _split([weights[k] for k in at_hand], [d[k] for k in at_hand], largest // 2)
+    if fp32:
+        parts.append(geometry.sq_norm([weights[k] for k in fp32], [d[k] for k in fp32]))
+    if small:
+        _, w_parts, d_parts = _split([weights[k] for k in small], [d[k] for k in small], largest // 2)
         parts.append(geometry.sq_norm(w_parts, d_parts))
     for _, w32, _, d_parts in _fp32_pieces([weights[k] for k in large], [d[k] for k in large], largest // 2):
         parts.append(geometry.sq_norm(w32, d_parts))
