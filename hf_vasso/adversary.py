@@ -28,8 +28,8 @@ class AdversaryGeometry(abc.ABC):
     All tensors are this rank's local shards, in one list order: `weights[i]` the weight, `d[i]` its fp32 d (for
     large bf16 weights under a geometry with `eps_parallel_to_d`, `perturb_` gets d rounded to bf16: see
     `update._perturb`). The engine sums `sq_norm` over the groups and over the ranks (each element counted once),
-    then calls `perturb_` with `scales[i] = ρ_group / sqrt(that sum)` (0 where the norm is zero or not finite), all
-    0-d device tensors.
+    then calls `perturb_` with `scales[i] = ρ_group / sqrt(that sum)`, all 0-d device tensors (0 where the sum is not
+    finite or below fp32's smallest normal number).
     Both methods must be elementwise in (w, d) (ε_i a function of w_i and d_i element by element, the squared norm a
     sum of elementwise terms): low-precision weights reach them as fp32 copies of flat pieces of a tensor (see
     `update._fp32_pieces`), the pieces' squared norms summed and each piece copied back after `perturb_`. Each method

@@ -15,6 +15,7 @@ from .rules import (
     check_adaptive,
     check_hyperparameters,
     refuse_accelerate_accumulation,
+    refuse_repeated_tensors,
     refuse_step_without_first_step,
     refuse_wrapped_vasso,
 )
@@ -142,6 +143,11 @@ class VASSO(torch.optim.Optimizer):
             raise RuntimeError("VASSO: add_param_group() called while the weights are perturbed; call restore().")
         check_hyperparameters(param_group.get("rho", self.vasso.rho), self.vasso.theta, self.vasso.adversary_prob)
         check_adaptive(param_group.get("adaptive", self.vasso.adaptive))
+        params = param_group["params"]
+        if not isinstance(params, set):  # torch refuses a set itself; a generator is read once, here
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            refuse_repeated_tensors(params, "add_param_group")  # before the base optimizer has the group
+            param_group = {**param_group, "params": params}
         self.base_optimizer.add_param_group(param_group)  # validates and fills the base's defaults
         added = self.base_optimizer.param_groups[-1]
         self.vasso.add_param_group(

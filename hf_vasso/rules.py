@@ -320,9 +320,27 @@ def check_param_names(param_names: Any, count: int) -> None:
         raise ValueError(f"param_names has {len(param_names)} names for {count} tensors.")
 
 
+def refuse_repeated_tensors(params: list[Any], where: str) -> None:
+    """Each tensor once: a repeated one would count twice in the global norm and be moved twice (its part of ε
+    doubled), which torch.optim also refuses across groups.
+
+    Raises:
+        ValueError: a tensor appears more than once in `params`.
+    """
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(
+                f"VASSO: {where}: tensor #{i} is given more than once (in one param group or in two); it would "
+                "count twice in the global norm and be moved twice. List each parameter once."
+            )
+        seen.add(id(p))
+
+
 def check_new_param_group(new: list[Any], known: list[Any], names: Any, engine_has_names: bool) -> None:
-    """A group given to `add_param_group`: tensors the engine does not have yet, and one name per new tensor exactly
-    when the engine has names."""
+    """A group given to `add_param_group`: tensors the engine does not have yet, each once, and one name per new
+    tensor exactly when the engine has names."""
+    refuse_repeated_tensors(new, "add_param_group")
     ids = {id(p) for p in known}
     if any(id(p) in ids for p in new):
         raise ValueError(

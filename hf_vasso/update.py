@@ -40,6 +40,7 @@ from .rules import (
     check_param_names,
     check_seed,
     refuse_no_trainable_parameter,
+    refuse_repeated_tensors,
 )
 from .sharding import ShardReduction, local
 from .state import STATE_FORMAT, load_state, save_state, validate_state
@@ -102,8 +103,8 @@ class VassoUpdate:
         param_names (`list[str]`, *optional*): one name per tensor, in order; saved and checked at load time.
 
     Raises:
-        ValueError: a hyperparameter is invalid, no tensor requires a gradient, or `param_names` has the wrong
-            length.
+        ValueError: a hyperparameter is invalid, no tensor requires a gradient, a tensor is given more than once,
+            or `param_names` has the wrong length.
         NotImplementedError: the trainable parameters live on several devices, or a DTensor parameter is placed
             neither sharded nor replicated on a mesh dimension (e.g. `Partial`).
     """
@@ -129,6 +130,7 @@ class VassoUpdate:
         if not any(p.requires_grad for p in self.params):
             refuse_no_trainable_parameter()
         check_param_names(param_names, len(self.params))
+        refuse_repeated_tensors(self.params, "the parameters")
         self.param_names = list(param_names) if param_names is not None else None
 
         self.step = 0
@@ -169,7 +171,8 @@ class VassoUpdate:
 
         Raises:
             RuntimeError: the weights are perturbed (call `restore()` first).
-            ValueError: an invalid "rho"/"adaptive", a tensor the engine already has, or names that do not fit.
+            ValueError: an invalid "rho"/"adaptive", a tensor the engine already has or one given twice, or names
+                that do not fit.
         """
         if self.perturbed:
             raise RuntimeError("VASSO: add_param_group() called while the weights are perturbed; call restore().")
@@ -318,10 +321,11 @@ class VassoUpdate:
 
     def _set_scales(self, finite: torch.Tensor, d_sq: torch.Tensor) -> None:
         """This step's rho_group / ||.|| per active tensor: one global norm through the geometries, each group's rho;
-        0 when the norm is zero or not finite."""
+        0 when the norm is not finite or its square is below fp32's smallest normal number (a norm under about
+        1.1e-19: its square, rounded as a subnormal, would give ||eps|| far from rho)."""
         total_sq = d_sq if self._norm_is_d_norm() else self._geometry_sq_norm()
         norm = total_sq.sqrt()
-        valid = finite & (norm > 0) & torch.isfinite(norm)
+        valid = finite & (total_sq >= torch.finfo(total_sq.dtype).tiny) & torch.isfinite(norm)
         group_scales = [torch.where(valid, g.rho / norm, 0.0) for g in self._groups]
         self._scales = [group_scales[self._group_of[i]] for i in self.layout.active]
         self._moved = valid if any(g.rho > 0 for g in self._groups) else torch.zeros_like(valid)

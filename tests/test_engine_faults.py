@@ -373,3 +373,32 @@ def test_hot_path_never_reads_a_tensor_value_on_the_host(monkeypatch, geometry):
         update.record_losses(loss, perturbed)
     monkeypatch.undo()
     assert update.pop_metrics()["vasso/nonfinite_fraction"] == 0.25
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "ASAM"])
+@pytest.mark.parametrize(
+    ("scale", "moves"),
+    [(1e-20, True), (1e-21, False), (1e-23, False), (1e-24, False), (1e18, False)],
+)
+def test_extreme_gradient_norms_give_rho_or_no_perturbation(adaptive, scale, moves):
+    """The global norm is a sum of squares in fp32 (summable across ranks). Where ‖d‖² is a normal fp32 number the
+    perturbation has norm ρ; where it would be subnormal (‖d‖ below about 1.1e-19, where its rounding made ‖ε‖ up to
+    2.6ρ) the step is not perturbed, as with ‖d‖ = 0; where it overflows (‖g‖ above about 1.8e19) the gradient is
+    handled as non-finite: d unchanged, no perturbation, counted in `vasso/nonfinite_fraction`."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.ones(1000))
+    update = VassoUpdate([p], rho=1.0, theta=1.0, adaptive=adaptive)
+    p.grad = torch.randn(1000) * scale
+    before = p.detach().clone()
+    update.absorb_gradient()
+    update.perturb()
+    moved = (p.detach() - before).norm().item()
+    if moves:
+        assert moved == pytest.approx(1.0, rel=1e-4)
+    else:
+        assert moved == 0.0
+    update.restore()
+    metrics = update.pop_metrics()
+    assert metrics["vasso/adversary_fraction"] == (1.0 if moves else 0.0)
+    assert metrics["vasso/nonfinite_fraction"] == (1.0 if scale > 1 else 0.0)
+    assert torch.isfinite(update.d[0]).all()

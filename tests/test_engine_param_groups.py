@@ -135,3 +135,33 @@ def test_engine_refuses_a_tensor_it_already_has():
     with pytest.raises(ValueError, match="already"):
         update.add_param_group({"params": [body[0]] + head})
     assert len(update.params) == len(body)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda p, q: VassoUpdate([p, q, p], rho=0.1, theta=0.4),
+        lambda p, q: VassoUpdate([{"params": [p]}, {"params": [q, p], "adaptive": True}], rho=0.1, theta=0.4),
+        lambda p, q: VASSO(torch.optim.SGD([{"params": [p]}, {"params": [q]}], lr=0.1), rho=0.1).add_param_group(
+            {"params": [torch.nn.Parameter(torch.zeros(2))] * 2}
+        ),
+    ],
+    ids=["one-list", "two-groups", "added-group"],
+)
+def test_a_tensor_given_twice_is_refused(build):
+    """A tensor listed twice would count twice in the global norm and be moved twice (sqrt(2)·rho for one tensor):
+    refused at construction and in `add_param_group`, as torch.optim refuses it across groups."""
+    p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="more than once"):
+        build(p, q)
+
+
+def test_a_group_refused_for_a_repeated_tensor_reaches_neither_optimizer():
+    p = torch.nn.Parameter(torch.zeros(3))
+    optimizer = VASSO(torch.optim.SGD([p], lr=0.1), rho=0.1)
+    r = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="more than once"):
+        optimizer.add_param_group({"params": (t for t in [r, r])})  # a generator: read once
+    assert len(optimizer.base_optimizer.param_groups) == 1 and len(optimizer.vasso.params) == 1
+    optimizer.add_param_group({"params": (t for t in [r])})
+    assert optimizer.base_optimizer.param_groups[-1]["params"] == [r] and optimizer.vasso.params[-1] is r
