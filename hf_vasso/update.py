@@ -568,19 +568,7 @@ def _perturb(
       copies of pieces of at most half the largest tensor (`_fp32_pieces`), moved and copied back, so that the
       pieces and the geometry's temporary of one piece fit within one fp32 tensor of the largest.
     """
-    largest = max((w.numel() for w in weights), default=0)
-    direct, small, d_staged, in_pieces = [], [], [], []
-    for k, w in enumerate(weights):
-        if w.dtype == torch.float32:
-            direct.append(k)
-        elif w.numel() < _STAGE_FROM and not geometry.eps_parallel_to_d:
-            small.append(k)
-        elif w.numel() < _STAGE_FROM and 2 * w.numel() <= largest:
-            direct.append(k)
-        elif w.dtype == torch.bfloat16 and geometry.eps_parallel_to_d:
-            d_staged.append(k)
-        else:
-            in_pieces.append(k)
+    largest, direct, small, d_staged, in_pieces = _route(geometry, weights)
     if len(direct) == len(weights):
         geometry.perturb_(weights, d, scales)
         return
@@ -599,24 +587,41 @@ def _perturb(
         torch._foreach_copy_(w_parts, w32)
 
 
+def _route(geometry: AdversaryGeometry, weights: list[torch.Tensor]) -> tuple[int, list, list, list, list]:
+    """`(largest, direct, small, d_staged, in_pieces)`: the largest tensor's element count and the indices of the
+    tensors each way of `_perturb` takes (its docstring says why), decided once for the move and the norm."""
+    largest = max((w.numel() for w in weights), default=0)
+    direct, small, d_staged, in_pieces = [], [], [], []
+    for k, w in enumerate(weights):
+        if w.dtype == torch.float32:
+            direct.append(k)
+        elif w.numel() < _STAGE_FROM and not geometry.eps_parallel_to_d:
+            small.append(k)
+        elif w.numel() < _STAGE_FROM and 2 * w.numel() <= largest:
+            direct.append(k)
+        elif w.dtype == torch.bfloat16 and geometry.eps_parallel_to_d:
+            d_staged.append(k)
+        else:
+            in_pieces.append(k)
+    return largest, direct, small, d_staged, in_pieces
+
+
 def _geometry_sq_norm_of(
     geometry: AdversaryGeometry, weights: list[torch.Tensor], d: list[torch.Tensor]
 ) -> torch.Tensor:
-    """`geometry.sq_norm(weights, d)` with temporaries of at most the largest tensor in fp32, low-precision weights
-    routed as in `_perturb`: small ones directly in pieces of at most half the largest (a mixed-dtype op holds two
-    fp32 temporaries), large ones through fp32 copies of such pieces (no mixed-dtype op on a large tensor)."""
+    """`geometry.sq_norm(weights, d)` with temporaries of at most the largest tensor in fp32, the tensors routed as
+    in `_perturb` (`_route`), except that d is never rounded for a norm: the tensors it would stage go through fp32
+    copies of pieces, as the large ones under ASAM do."""
     if geometry.sq_norm_is_d_sq or all(w.dtype == torch.float32 for w in weights):  # ‖d‖² reads no weight
         return geometry.sq_norm(weights, d)
-    largest = max(w.numel() for w in weights)
-    fp32 = [k for k, w in enumerate(weights) if w.dtype == torch.float32]
-    small = [k for k, w in enumerate(weights) if w.dtype != torch.float32 and w.numel() < _STAGE_FROM]
-    large = [k for k, w in enumerate(weights) if w.dtype != torch.float32 and w.numel() >= _STAGE_FROM]
+    largest, direct, small, d_staged, in_pieces = _route(geometry, weights)
     parts = []
-    if fp32:
-        parts.append(geometry.sq_norm([weights[k] for k in fp32], [d[k] for k in fp32]))
+    if direct:
+        parts.append(geometry.sq_norm([weights[k] for k in direct], [d[k] for k in direct]))
     if small:
         _, w_parts, d_parts = _split([weights[k] for k in small], [d[k] for k in small], largest // 2)
         parts.append(geometry.sq_norm(w_parts, d_parts))
+    large = d_staged + in_pieces
     for _, w32, _, d_parts in _fp32_pieces([weights[k] for k in large], [d[k] for k in large], largest // 2):
         parts.append(geometry.sq_norm(w32, d_parts))
     return torch.stack(parts).sum()

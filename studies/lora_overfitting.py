@@ -16,7 +16,7 @@ responses (a random cycle among the chosen pairs, drawn per seed; validation and
 - Every run writes `<out>/lora_overfitting[_<profile>]/<run>.json` the moment it finishes; a run whose file exists is
   skipped, so an interrupted study continues where it stopped. The plan runs seed 0's grids (both conditions) first.
 
-    python studies/lora_overfitting.py                # CPU profile: 24 pairs, 6 epochs, 3 seeds (about 2 h, 2 cores)
+    python studies/lora_overfitting.py                # CPU profile: 24 pairs, 6 epochs, 3 seeds (4.4 h of runs)
     python studies/lora_overfitting.py --profile gpu  # all 218 training pairs, 5 epochs, 4 seeds, on one GPU
     python studies/lora_overfitting.py --report-only  # the table and plot from the runs finished so far
     python studies/lora_overfitting.py --quick        # seconds: a tiny Llama, 8 pairs, 2 epochs, 2 seeds (the tests)

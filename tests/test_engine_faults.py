@@ -402,3 +402,19 @@ def test_extreme_gradient_norms_give_rho_or_no_perturbation(adaptive, scale, mov
     assert metrics["vasso/adversary_fraction"] == (1.0 if moves else 0.0)
     assert metrics["vasso/nonfinite_fraction"] == (1.0 if scale > 1 else 0.0)
     assert torch.isfinite(update.d[0]).all()
+
+
+def test_a_pass_two_gradient_whose_norm_overflows_is_handled_as_non_finite():
+    """Finite elements, but a norm above about 1.8e19 (its fp32 square overflows): zeroed before the base step and
+    counted in `vasso/perturbed_nonfinite_fraction`, like a NaN (docs/failure-behaviour.md)."""
+    p = torch.nn.Parameter(torch.ones(1000))
+    update = VassoUpdate([p], rho=0.1, theta=0.4)
+    p.grad = torch.randn(1000)
+    update.absorb_gradient()
+    update.perturb()
+    p.grad = torch.full((1000,), 1e18)
+    assert torch.isfinite(p.grad).all()
+    update.restore()
+    update.guard_perturbed_gradient()
+    assert not p.grad.any()
+    assert update.pop_metrics()["vasso/perturbed_nonfinite_fraction"] == 1.0

@@ -141,12 +141,13 @@ def test_engine_refuses_a_tensor_it_already_has():
     "build",
     [
         lambda p, q: VassoUpdate([p, q, p], rho=0.1, theta=0.4),
+        lambda p, q: VASSO(torch.optim.SGD([p, q, p], lr=0.1), rho=0.1),  # torch only warns within one group
         lambda p, q: VassoUpdate([{"params": [p]}, {"params": [q, p], "adaptive": True}], rho=0.1, theta=0.4),
         lambda p, q: VASSO(torch.optim.SGD([{"params": [p]}, {"params": [q]}], lr=0.1), rho=0.1).add_param_group(
             {"params": [torch.nn.Parameter(torch.zeros(2))] * 2}
         ),
     ],
-    ids=["one-list", "two-groups", "added-group"],
+    ids=["one-list", "wrapper", "two-groups", "added-group"],
 )
 def test_a_tensor_given_twice_is_refused(build):
     """A tensor listed twice would count twice in the global norm and be moved twice (sqrt(2)·rho for one tensor):

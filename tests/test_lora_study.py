@@ -166,10 +166,9 @@ def test_lora_overfitting_quick(tmp_path):
                 chosen[(r["condition"], r["method"])] = (r["validation_at_selected"], r["rho"])
     later = [r for r in runs if r["seed"] == 1 or r["method"] == "evasso"]
     assert len(later) == 9 + 2 and {r["method"] for r in later if r["rho"] is None} == {"adamw"}
-    rho_from = {"evasso": "vasso0.4"}
     for r in later:
         if r["rho"] is not None:
-            assert r["rho"] == chosen[(r["condition"], rho_from.get(r["method"], r["method"]))][1]
+            assert r["rho"] == chosen[(r["condition"], study.RHO_FROM.get(r["method"], r["method"]))][1]
     md = open(os.path.join(out, "lora_overfitting_quick.md")).read()
     assert_provenance(md, "studies/lora_overfitting.py")
     assert "Status: complete; 23 of the plan's 23 runs done." in md and "| 30% wrong responses | VASSO θ=0.2 |" in md
