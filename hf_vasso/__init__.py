@@ -4,6 +4,7 @@ TRL's trainers are in `hf_vasso.trl` (the optional extra `hf_vasso[trl]`); impor
 """
 
 from .arguments import VassoArguments, VassoConfig, VassoSeq2SeqConfig
+from .checkpoint import newest_complete_checkpoint
 from .optimizer import VASSO
 from .trainer import VassoSeq2SeqTrainer, VassoTrainer, VassoTrainerMixin, restored_attributes
 from .update import VassoUpdate
@@ -17,6 +18,7 @@ __all__ = [
     "VassoTrainer",
     "VassoTrainerMixin",
     "VassoUpdate",
+    "newest_complete_checkpoint",
     "restored_attributes",
 ]
 __version__ = "0.1.0"

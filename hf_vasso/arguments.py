@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
+from transformers.utils import logging
 
 from .rules import refuse_deepspeed, refuse_mixin_after_base, validate_vasso_arguments
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -39,9 +42,13 @@ class VassoArguments:
             Under DDP, all-reduce the pass-1 gradient so every rank shares `d` and the adversary (one extra
             all-reduce per optimizer step; the run equals one process with the global batch). `False` gives each rank
             its own adversary from its own batch, with no extra communication (the SAM paper's m-sharpness).
+        adversary (`str`, *optional*, defaults to `"vasso"`):
+            The adversary geometry, by name: `"vasso"`, `ε = ρ·d/‖d‖`; `"asam"`, ASAM's scale-invariant adversary
+            (Kwon et al., ICML 2021), `ε = ρ·T²d/‖T·d‖` with `T = |w|` elementwise (the convention of davda54/sam and
+            pytorch_optimizer, with `d` in place of the gradient); or any name registered with
+            `hf_vasso.adversary.register_geometry`. A param group's own `"adversary"` key overrides it.
         adaptive (`bool`, *optional*, defaults to `False`):
-            ASAM's scale-invariant adversary (Kwon et al., ICML 2021): `ε = ρ·T²d/‖T·d‖` with `T = |w|` elementwise,
-            the convention of davda54/sam and pytorch_optimizer, with `d` in place of the gradient.
+            davda54/sam's and pytorch_optimizer's switch, kept as an alias: `adaptive=True` is `adversary="asam"`.
 
     Example:
 
@@ -81,9 +88,16 @@ class VassoArguments:
             "all-reduce per step). False: each rank perturbs with its own gradient, no extra communication."
         },
     )
+    adversary: str | None = field(
+        default=None,
+        metadata={
+            "help": "The adversary geometry by name: 'vasso' (eps = rho * d / ||d||, the default) or 'asam' (eps = "
+            "rho * |w|^2 d / || |w| d ||, Kwon et al., 2021), or a name registered with register_geometry."
+        },
+    )
     adaptive: bool = field(
         default=False,
-        metadata={"help": "ASAM's scale-invariant adversary eps = rho * |w|^2 d / || |w| d || (Kwon et al., 2021)."},
+        metadata={"help": "Alias of --adversary asam (davda54/sam's and pytorch_optimizer's switch)."},
     )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -201,14 +215,20 @@ def as_vasso_arguments(args: Any) -> Any:
     for f in dataclasses.fields(VassoArguments):
         if f.name not in own:
             setattr(upgraded, f.name, f.default)
+    clash = sorted(own & {f.name for f in dataclasses.fields(VassoArguments)})
     try:
         validate_vasso_arguments(upgraded)
     except ValueError as error:
-        clash = sorted(own & {f.name for f in dataclasses.fields(VassoArguments)})
         if not clash:
             raise
         raise ValueError(
             f"{error} ({type(args).__name__} defines its own {', '.join(clash)}, which VASSO reads as its "
             "hyperparameters: give them VASSO values, or rename your fields.)"
         ) from error
+    if clash:  # the user's value is kept and read as VASSO's: say so, since its meaning may be another
+        values = ", ".join(f"{name}={getattr(upgraded, name)!r}" for name in clash)
+        logger.warning(
+            f"{type(args).__name__} defines its own {', '.join(clash)}; VassoTrainer reads {values} as its VASSO "
+            "hyperparameters. If your field means something else, rename it."
+        )
     return upgraded

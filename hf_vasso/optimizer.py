@@ -10,15 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
 
-from .rules import (
-    check_adaptive,
-    check_hyperparameters,
-    refuse_accelerate_accumulation,
-    refuse_repeated_tensors,
-    refuse_step_without_first_step,
-    refuse_wrapped_vasso,
-)
+from .module_state import BufferSnapshot
+from .rules import refuse_accelerate_accumulation, refuse_repeated_tensors, refuse_step_without_first_step
 from .update import VassoUpdate
 
 
@@ -26,16 +22,20 @@ class VASSO(torch.optim.Optimizer):
     """Wrap a base optimizer so that it steps with the gradient at the VASSO adversary (arXiv 2309.15639).
 
     `param_groups` and `state` are the base optimizer's own, so LR schedulers, `zero_grad` and checkpoints keep
-    working; `state_dict()` is the base optimizer's with the VASSO state (d, step count) under the key `"vasso"`.
+    working. VASSO acts on exactly the parameters the base optimizer steps, whichever handle added their group
+    (`VASSO.add_param_group` or the base optimizer's own), and reads ρ and the geometry at every step, as torch
+    optimizers read `lr`: a group's own `"rho"` / `"adversary"` (`"vasso_rho"` where the base optimizer uses
+    `"rho"` itself, as `Adadelta` does; `group_keys` says which), else the defaults `optimizer.vasso.rho` and
+    `optimizer.vasso.adversary`, which may be changed between steps (a ρ schedule).
 
     Plain loop (davda54/sam's API; its constructor `VASSO(model.parameters(), torch.optim.AdamW, rho=0.05,
     lr=1e-3)` builds the same optimizer as the form below)::
 
-        optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=1e-3), rho=0.05, theta=0.4)
+        optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=1e-3), rho=0.05, theta=0.4, model=model)
         loss_fn(model(x), y).backward()
         optimizer.first_step(zero_grad=True)     # d <- EMA(g), x <- x + eps, gradients cleared
         loss_fn(model(x), y).backward()          # gradient at the perturbed weights
-        optimizer.second_step(zero_grad=True)    # x restored exactly, base step
+        optimizer.second_step(zero_grad=True)    # x and the model's buffers restored exactly, base step
 
     or `optimizer.step(closure)` with a closure that runs the forward and backward pass (after the first backward).
     With `adversary_prob < 1` (eVASSO), `first_step` returns False on steps without adversary: it then keeps the
@@ -49,12 +49,6 @@ class VASSO(torch.optim.Optimizer):
         optimizer.restore()                       # also keeps a non-finite pass-2 gradient from the weights
         prepared_optimizer.step()                 # unscale, skip on overflow, base step
 
-    A base-optimizer param group may carry its own `"rho"` and `"adaptive"` (pytorch_optimizer's `SAM`
-    semantics: the norm stays global over all groups)::
-
-        base = torch.optim.SGD([{"params": body, "rho": 0.05}, {"params": head, "rho": 0.2}], lr=0.1)
-        optimizer = VASSO(base, theta=0.4)
-
     Non-finite gradients: a non-finite pass-1 gradient leaves d alone and the weights unperturbed; a non-finite
     pass-2 gradient is replaced by zeros before the base step (momentum and weight decay still act), or, with a
     `grad_scaler`, left for the scaler to skip the step. Both are decided on the device and counted in the metrics.
@@ -63,16 +57,26 @@ class VASSO(torch.optim.Optimizer):
     `first_step` once, run pass 2 over the same K micro-batches, then `second_step`: one batch of K·b. Do not call
     `first_step` inside `accelerator.accumulate()` (refused: it would perturb once per micro-batch).
 
+    `state_dict()` is the base optimizer's with VASSO's d in each parameter's state (`"vasso_d"`, a DTensor for a
+    DTensor parameter) and the rest under `param_groups[0]["vasso"]`, so that torch's distributed-checkpoint helpers
+    (`get_optimizer_state_dict` / `set_optimizer_state_dict`, what FSDP2 checkpoints use) carry it; for a base
+    optimizer with a state dict of another shape (pytorch_optimizer's `Lookahead`) it goes under the key `"vasso"`.
+
     Args:
         params (iterable of tensors or param-group dicts, or `torch.optim.Optimizer`): the parameters for
             `base_optimizer` (davda54/sam's form), or the base optimizer itself, already built (AdamW, SGD, ...).
         base_optimizer (`type`, *optional*): the base optimizer's class, with `params` (davda54/sam's form); its
             keyword arguments (`lr`, `momentum`, ...) are the extra keyword arguments of `VASSO`.
-        rho (`float`): perturbation radius, >= 0 (groups without their own "rho").
+        rho (`float`): perturbation radius, >= 0 (groups without their own ρ).
         theta (`float`): weight of the newest gradient in d, in (0, 1]; 1.0 is SAM.
         adversary_prob (`float`): probability of an adversary step, in [0, 1]; below 1 is eVASSO.
         seed (`int`): seed of the eVASSO coins, drawn from (seed, step); 42 like the Trainer's default seed.
-        adaptive (`bool`): ASAM's adversary `rho·|w|²d/‖|w|·d‖` (groups without their own "adaptive").
+        adversary (`str`): the geometry of groups without their own: "vasso" (ρ·d/‖d‖, the default) or "asam"
+            (ρ·|w|²d/‖|w|·d‖), or any name registered in `hf_vasso.adversary.GEOMETRIES`.
+        adaptive (`bool`): davda54/sam's and pytorch_optimizer's switch, an alias: `adaptive=True` is "asam".
+        model (`nn.Module`, *optional*): the model the loop trains. Given, every buffer its pass-2 forward changes
+            (BatchNorm's and InstanceNorm's running statistics, a running buffer of your own) ends the step as
+            pass 1 left it. Without it the wrapper cannot see them, and pass 2 counts the step in them a second time.
 
     Raises:
         TypeError: no base optimizer (neither an instance nor a class with its parameters), or keyword arguments
@@ -92,7 +96,9 @@ class VASSO(torch.optim.Optimizer):
         theta: float = 0.4,
         adversary_prob: float = 1.0,
         seed: int = 42,
-        adaptive: bool = False,
+        adversary: str | None = None,
+        adaptive: bool | None = None,
+        model: nn.Module | None = None,
         **base_kwargs: Any,
     ) -> None:
         base_optimizer = _base_optimizer(params, base_optimizer, base_kwargs)
@@ -102,17 +108,18 @@ class VASSO(torch.optim.Optimizer):
                 "VASSO cannot wrap torch.optim.SparseAdam: it works on sparse gradients, and VASSO's norm and EMA "
                 "need dense ones. Use a dense embedding (nn.Embedding(sparse=False)) with AdamW."
             )
-        rho = check_hyperparameters(rho, theta, adversary_prob)[0]
         self.base_optimizer = base_optimizer
-        # A group's own "rho"/"adaptive" (pytorch_optimizer's SAM semantics); the other keys stay the base's.
-        groups = [
-            {"params": g["params"], **{k: g[k] for k in ("rho", "adaptive") if k in g}}
-            for g in base_optimizer.param_groups
-        ]
         self.vasso = VassoUpdate(
-            groups, rho=rho, theta=theta, adversary_prob=adversary_prob, seed=seed, adaptive=adaptive
+            base_optimizer,
+            rho=rho,
+            theta=theta,
+            adversary_prob=adversary_prob,
+            seed=seed,
+            adversary=adversary,
+            adaptive=adaptive,
         )
-        super().__init__([p for g in groups for p in g["params"]], dict(base_optimizer.defaults))
+        self._buffers = BufferSnapshot(model) if model is not None else None
+        super().__init__(list(self.vasso.params), dict(base_optimizer.defaults))
         self._share_base_state()
         self._grad_scale: torch.Tensor | None = None
         # Host-side bookkeeping of the call order (no device sync): whether first_step ran since the last base step.
@@ -124,16 +131,17 @@ class VASSO(torch.optim.Optimizer):
         self.defaults = self.base_optimizer.defaults
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group to the base optimizer and to VASSO (unfreezing a head mid-run, davda54/sam#65).
+        """Add a param group to the base optimizer, which VASSO follows (unfreezing a head mid-run, davda54/sam#65).
 
-        The group's own `"rho"` and `"adaptive"` apply to its part of ε (the norm stays global over all groups);
-        its parameters are perturbed from the next `first_step` on, their d starting from their first gradient. The
-        state saved afterwards loads into a `VASSO` built over all the groups from the start, and the other way.
+        The group's own ρ and geometry apply to its part of ε (the norm stays global over all groups); its
+        parameters are perturbed from the next `first_step` on, their d starting from their first gradient. Adding
+        it to the base optimizer directly does the same; this method checks the VASSO keys first, so that a refused
+        group reaches neither.
 
         Raises:
             RuntimeError: the weights are perturbed (call `restore()` first).
-            ValueError, TypeError: as `torch.optim.Optimizer.add_param_group`, or an invalid "rho"/"adaptive";
-                nothing is added then.
+            ValueError, TypeError: as `torch.optim.Optimizer.add_param_group`, an invalid ρ or geometry, or a
+                tensor VASSO already has; nothing is added then.
         """
         if self.__dict__.get("param_groups") is not self.base_optimizer.param_groups:
             # torch.optim.Optimizer.__init__ registering the wrapper's view of the parameters, before it shares the
@@ -141,18 +149,14 @@ class VASSO(torch.optim.Optimizer):
             return super().add_param_group(param_group)
         if self.vasso.perturbed:
             raise RuntimeError("VASSO: add_param_group() called while the weights are perturbed; call restore().")
-        check_hyperparameters(param_group.get("rho", self.vasso.rho), self.vasso.theta, self.vasso.adversary_prob)
-        check_adaptive(param_group.get("adaptive", self.vasso.adaptive))
         params = param_group["params"]
         if not isinstance(params, set):  # torch refuses a set itself; a generator is read once, here
             params = [params] if isinstance(params, torch.Tensor) else list(params)
-            refuse_repeated_tensors(params, "add_param_group")  # before the base optimizer has the group
+            refuse_repeated_tensors(self.vasso.params + params, "add_param_group")
             param_group = {**param_group, "params": params}
+        self.vasso._check_group(param_group, len(self.param_groups))
         self.base_optimizer.add_param_group(param_group)  # validates and fills the base's defaults
-        added = self.base_optimizer.param_groups[-1]
-        self.vasso.add_param_group(
-            {"params": added["params"], **{k: added[k] for k in ("rho", "adaptive") if k in added}}
-        )
+        self.vasso._sync_groups()
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> bool:
@@ -171,10 +175,12 @@ class VASSO(torch.optim.Optimizer):
         adversary = self.vasso.is_adversary_step()
         # Kept for the pass-2 guard: with a scaler, a non-finite pass-2 gradient is the scaler's to skip.
         self._grad_scale = grad_scaler._scale if grad_scaler is not None and grad_scaler.is_enabled() else None
-        self.vasso.absorb_gradient(self._grad_scale)
+        self.vasso.absorb_gradient(self._grad_scale, perturbing=adversary)
         self._first_step_done = True
         if not adversary:
             return False
+        if self._buffers is not None:
+            self._buffers.save()
         # The engine clears the gradients whatever `zero_grad` says: pass 2 must start from zero, since a pass-2
         # gradient added onto the pass-1 one would be neither. `zero_grad` is kept for davda54/sam's signature.
         self.vasso.perturb()
@@ -182,11 +188,11 @@ class VASSO(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put back the weights saved by `first_step`, bit for bit, and keep a non-finite pass-2 gradient from the
-        base step (zeros without a scaler; the scaler's skip with one). A no-op when the weights are not perturbed."""
-        self._restore_and_guard()
-
-    def _restore_and_guard(self) -> None:
+        """Put back the weights saved by `first_step` bit for bit, and the model's buffers as pass 1 left them, and
+        keep a non-finite pass-2 gradient from the base step (zeros without a scaler; the scaler's skip with one). A
+        no-op when the weights are not perturbed."""
+        if self.vasso.perturbed and self._buffers is not None:
+            self._buffers.restore()
         self.vasso.restore()
         self.vasso.guard_perturbed_gradient(self._grad_scale)
 
@@ -205,6 +211,8 @@ class VASSO(torch.optim.Optimizer):
         """
         if closure is None:
             if not self._first_step_done:
+                if self._is_state_initialisation():
+                    return self.base_optimizer.step()
                 refuse_step_without_first_step()
             self.restore()
             self._first_step_done = False
@@ -215,48 +223,110 @@ class VASSO(torch.optim.Optimizer):
                 with torch.enable_grad():
                     loss = closure()
             finally:
-                self._restore_and_guard()
+                self.restore()
             if isinstance(loss, torch.Tensor):
                 self.vasso.record_losses(None, loss)  # the pass-2 loss only: no sharpness without the clean one
         self._first_step_done = False
         self.base_optimizer.step()
         return loss
 
+    def _is_state_initialisation(self) -> bool:
+        """torch.distributed.checkpoint's `get/set_optimizer_state_dict` build a fresh optimizer's state by calling
+        `step()` on zero gradients with every lr set to 0 (`_init_optim_state`): a base step that moves nothing."""
+        return not self.state and all(float(g.get("lr", 1.0)) == 0.0 for g in self.param_groups)
+
     def state_dict(self) -> dict[str, Any]:
         state = self.base_optimizer.state_dict()
-        state["vasso"] = self.vasso.state_dict()
+        vasso = self.vasso.state_dict()
+        d = vasso.pop("d")
+        if not _is_plain_optimizer_state(state):
+            state["vasso"] = {**vasso, "d": d}
+            return state
+        for i, t in enumerate(d):
+            if t is not None:
+                state["state"].setdefault(i, {})[D_KEY] = _as_dtensor_like(t, self.vasso.params[i])
+        state["param_groups"][0] = {**state["param_groups"][0], META_KEY: vasso}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the base optimizer's state and the VASSO state, atomically: both are checked before either loads.
 
+        Takes what `state_dict()` writes, also after torch's distributed-checkpoint helpers, and the older form with
+        the whole VASSO state under the key `"vasso"`.
+
         Raises:
-            ValueError: no "vasso" entry, a VASSO state that does not fit (see `VassoUpdate.validate_state_dict`),
+            ValueError: no VASSO state, a VASSO state that does not fit (see `VassoUpdate.validate_state_dict`),
                 or a base state that does not fit the base optimizer; nothing is loaded then.
         """
-        state_dict = dict(state_dict)
-        if "vasso" not in state_dict:
+        base_state, vasso_state = _split_state(state_dict, len(self.vasso.params))
+        if vasso_state is None:
             raise ValueError(
-                "This optimizer state has no 'vasso' entry: it was not saved from a VASSO optimizer. Load it into "
+                "This optimizer state has no VASSO state: it was not saved from a VASSO optimizer. Load it into "
                 "the base optimizer (optimizer.base_optimizer.load_state_dict) to start d afresh."
             )
-        vasso_state = state_dict.pop("vasso")
         self.vasso.validate_state_dict(vasso_state)
         # torch checks the groups and sizes before it changes anything, and the VASSO state is already valid.
-        self.base_optimizer.load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict(base_state)
         self._share_base_state()  # load_state_dict rebinds the base optimizer's param_groups and state
         self.vasso.load_state_dict(vasso_state)
 
     def pop_metrics(self) -> dict[str, float]:
-        """The `vasso/*` metrics averaged since the last call (see the README's "Logged metrics")."""
+        """The `vasso/*` metrics averaged since the last call (see docs/metrics.md)."""
         return self.vasso.pop_metrics()
 
     def __repr__(self) -> str:
         v = self.vasso
+        own = [k for k, g in enumerate(self.param_groups) if v.keys["rho"] in g]
+        groups = f", groups with their own rho: {own}" if own else ""
         return (
-            f"VASSO(rho={v.rho}, theta={v.theta}, adversary_prob={v.adversary_prob}, adaptive={v.adaptive}, "
-            f"base_optimizer={self.base_optimizer!r})"
+            f"VASSO(rho={v.rho}, theta={v.theta}, adversary_prob={v.adversary_prob}, adversary={v.adversary!r}"
+            f"{groups}, base_optimizer={self.base_optimizer!r})"
         )
+
+
+D_KEY, META_KEY = "vasso_d", "vasso"
+
+
+def _is_plain_optimizer_state(state: Any) -> bool:
+    """A state dict in torch.optim's own shape, `{"state": {index: {...}}, "param_groups": [...]}`."""
+    return isinstance(state, dict) and isinstance(state.get("state"), dict) and bool(state.get("param_groups"))
+
+
+def _as_dtensor_like(d: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """d (this rank's shard) as a DTensor laid out like its DTensor parameter, so that a distributed checkpoint
+    saves every rank's shard and reshards them on load; d itself for a plain parameter."""
+    if not isinstance(param, DTensor):
+        return d
+    return DTensor.from_local(d, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())  # fmt: skip
+
+
+def _split_state(state_dict: dict[str, Any], count: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`(the base optimizer's state, the engine's state or None)`, from either form `VASSO.state_dict` writes."""
+    state_dict = dict(state_dict)
+    if "vasso" in state_dict:  # the whole engine state at the top level
+        vasso = state_dict.pop("vasso")
+        return state_dict, vasso
+    if not _is_plain_optimizer_state(state_dict):
+        return state_dict, None
+    groups = [dict(g) for g in state_dict["param_groups"]]
+    meta = groups[0].pop(META_KEY, None)
+    if meta is None:
+        return state_dict, None
+    # A state key is the parameter's index in the groups' order, or what stands in its place there (torch's
+    # distributed-checkpoint helpers put the parameter's name): torch's own load matches them the same way.
+    position = {key: i for i, key in enumerate(k for g in groups for k in g["params"])}
+    d: list[torch.Tensor | None] = [None] * count
+    per_param = {}
+    for key, entry in state_dict["state"].items():
+        entry = dict(entry)
+        value = entry.pop(D_KEY, None)
+        index = position.get(key)
+        if value is not None and index is not None and index < count:
+            d[index] = value.to_local() if isinstance(value, DTensor) else value
+        if entry:
+            per_param[key] = entry
+    return {**state_dict, "state": per_param, "param_groups": groups}, {**meta, "d": d}
 
 
 def _base_optimizer(params: Any, base_optimizer: Any, base_kwargs: dict[str, Any]) -> torch.optim.Optimizer:
@@ -292,3 +362,12 @@ def _accelerate_is_accumulating() -> bool:
     shared = state.GradientState._shared_state
     plugin = shared.get("plugin_kwargs") or {}
     return not shared.get("sync_gradients", True) and plugin.get("num_steps", 1) > 1
+
+
+def refuse_wrapped_vasso(base_optimizer: Any) -> None:
+    """VASSO over VASSO would perturb twice and step the innermost base optimizer through two wrappers."""
+    if isinstance(base_optimizer, VASSO):
+        raise ValueError(
+            "VASSO was given a VASSO optimizer as its base: the weights would be perturbed twice per step. Wrap the "
+            "base optimizer once: VASSO(torch.optim.AdamW(model.parameters()), rho=..., theta=...)."
+        )

@@ -1,9 +1,11 @@
-"""Every rule hf_vasso enforces, in one place: value checks, configuration checks and refusals.
+"""The rules on values and set-ups that hf_vasso refuses, shared by the config, the engine and both front ends.
 
-Imported by the config (`arguments.py`), the engine (`update.py`, `flat_layout.py`, `sharding.py`), the wrapper
-(`optimizer.py`) and the trainer (`trainer.py`). Each check raises `ValueError` with the value, the rule, the reason
-and the fix (`NotImplementedError` for a model layout the engine does not handle). The module imports
-only torch, so the engine that uses it knows nothing of the Trainer.
+Each check raises `ValueError` with the value, the rule, the reason and the fix (`NotImplementedError` for a model
+layout the engine does not handle). What lives elsewhere, next to the state it guards: the selection of an adversary
+geometry (`adversary.resolve_adversary`), the state file's checks (`state.py`), the front ends' call-order errors
+(`RuntimeError`s in `update.py` and `optimizer.py`), and the refusals that name a front-end class
+(`optimizer.refuse_wrapped_vasso`, `trainer.refuse_vasso_optimizer_in_trainer`). The module imports only torch
+and `adversary.py`, so the engine that uses it knows nothing of the Trainer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .adversary import resolve_adversary
 
 # ------------------------------------------------------------------------------------------------ values
 
@@ -42,11 +46,9 @@ def check_hyperparameters(rho: Any, theta: Any, adversary_prob: Any) -> tuple[fl
         ValueError: a value is not a real number (booleans included), not finite, or out of its range; the message
             names the value and the fix.
     """
-    rho = _real("rho", rho, "the perturbation radius, e.g. 0.05")
+    rho = check_rho(rho)
     theta = _real("theta", theta, "the weight of the newest gradient, e.g. 0.4")
     adversary_prob = _real("adversary_prob", adversary_prob, "the probability of an adversary step, e.g. 1.0")
-    if not (math.isfinite(rho) and rho >= 0):
-        raise ValueError(f"rho={rho!r} is invalid: the perturbation radius must be a finite number >= 0 (try 0.05).")
     if not (0 < theta <= 1):
         raise ValueError(
             f"theta={theta!r} is invalid: the weight of the newest gradient must be in (0, 1] "
@@ -58,6 +60,18 @@ def check_hyperparameters(rho: Any, theta: Any, adversary_prob: Any) -> tuple[fl
             "(1.0 is VASSO, below 1 is eVASSO, 0 is the base optimizer alone)."
         )
     return rho, theta, adversary_prob
+
+
+def check_rho(rho: Any, what: str = "rho") -> float:
+    """ρ as a float: a finite real number >= 0. `what` names where it was read (a param group's key, a field).
+
+    Raises:
+        ValueError: anything else; the message names the value, where it was read and the fix.
+    """
+    value = _real(what, rho, "the perturbation radius, e.g. 0.05")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what}={rho!r} is invalid: the perturbation radius must be finite and >= 0 (try 0.05).")
+    return value
 
 
 def check_seed(seed: Any) -> int:
@@ -76,13 +90,6 @@ def check_seed(seed: Any) -> int:
         ) from None
 
 
-def check_adaptive(adaptive: Any) -> bool:
-    """Raises: ValueError if `adaptive` is not a bool (numpy bools accepted)."""
-    if not (isinstance(adaptive, bool) or type(adaptive).__name__ == "bool_"):
-        raise ValueError(f"adaptive={adaptive!r} is invalid: pass True (ASAM's adversary) or False (VASSO's).")
-    return bool(adaptive)
-
-
 # ---------------------------------------------------------------------------------- the configuration
 
 
@@ -91,7 +98,9 @@ def validate_vasso_arguments(args: Any) -> None:
     refuse_deepspeed(getattr(args, "deepspeed", None))
     # Stored as float whatever real-number type was given (numpy scalars, 0-d tensors): it is saved and logged.
     args.rho, args.theta, args.adversary_prob = check_hyperparameters(args.rho, args.theta, args.adversary_prob)
-    args.adaptive = check_adaptive(args.adaptive)
+    # The geometry by name; `adaptive` is its alias (True: "asam"). Both kept consistent for later readers.
+    args.adversary = resolve_adversary(args.adversary, args.adaptive)
+    args.adaptive = args.adversary == "asam"
     if hasattr(args, "seed"):
         args.seed = check_seed(args.seed)
     refuse_backward_stepping_optimizer(getattr(args, "optim", None))
@@ -222,19 +231,6 @@ def refuse_mixin_after_base(cls: type, mixin: type, base: type, example: str) ->
         )
 
 
-def refuse_vasso_optimizer_in_trainer(optimizer: Any, optimizer_cls: Any) -> None:
-    """VassoTrainer runs the VASSO step itself: a `VASSO` wrapper as its optimizer would run a second one."""
-    from .optimizer import VASSO
-
-    if isinstance(optimizer, VASSO) or (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, VASSO)):
-        raise ValueError(
-            "VassoTrainer was given the VASSO wrapper as its optimizer (optimizers=(VASSO(...), ...) or "
-            "optimizer_cls_and_kwargs=(VASSO, ...)): VassoTrainer already runs the VASSO step, and the wrapper would "
-            "run a second adversary inside it. Pass the base optimizer (e.g. optimizers=(torch.optim.AdamW(...), "
-            "None)) and the VASSO hyperparameters in the arguments (VassoConfig(rho=..., theta=...))."
-        )
-
-
 def refuse_step_without_first_step() -> None:
     """`VASSO.step()` without a closure after no `first_step()`: a plain base step would pass for VASSO."""
     raise ValueError(
@@ -251,25 +247,12 @@ def refuse_accelerate_accumulation() -> None:
     raise ValueError(
         "VASSO.first_step() was called inside accelerator.accumulate() on a micro-batch that does not end the "
         "optimizer step: the adversary would be built from one micro-batch's gradient, once per micro-batch, and "
-        "pass 2's gradient would be added into the next micro-batch's pass 1. Accumulate by hand instead: run pass "
-        "1 over all K micro-batches (loss / K, accelerator.no_sync(model) on all but the last), call first_step() "
-        "once, run pass 2 over the same K micro-batches, then restore() and the optimizer step (the README's "
-        "accumulation recipe)."
+        "pass 2's gradient would be added into the next micro-batch's pass 1. Accumulate by hand instead, with an "
+        "Accelerator created without gradient_accumulation_steps (with it, accelerator.backward divides every "
+        "loss by K a second time): run pass 1 over all K micro-batches (loss / K, accelerator.no_sync(model) on "
+        "all but the last), call first_step() once, run pass 2 over the same K micro-batches, then restore() and "
+        "the optimizer step (the README's accumulation recipe)."
     )
-
-
-def refuse_wrapped_vasso(base_optimizer: Any) -> None:
-    """VASSO over VASSO would perturb twice and step the innermost base optimizer through two wrappers."""
-    from .optimizer import VASSO
-
-    if isinstance(base_optimizer, VASSO):
-        raise ValueError(
-            "VASSO was given a VASSO optimizer as its base: the weights would be perturbed twice per step. Wrap the "
-            "base optimizer once: VASSO(torch.optim.AdamW(model.parameters()), rho=..., theta=...)."
-        )
-
-
-# ------------------------------------------------------------------------------------------------ the engine's tensors
 
 
 def refuse_no_trainable_parameter() -> None:
@@ -288,8 +271,8 @@ def refuse_several_devices(devices: Any) -> None:
 def refuse_sparse_gradient(name: str) -> None:
     """Called on a trainable parameter whose gradient is sparse: d, its norm and EMA are dense."""
     raise ValueError(
-        f"Parameter {name} has a sparse gradient: VASSO needs dense gradients (its norm and EMA "
-        "are dense). Use a dense embedding (nn.Embedding(sparse=False)) and a dense optimizer."
+        f"The gradient of {name} is sparse: VASSO needs dense gradients (its norm and EMA are dense). Use a "
+        "dense embedding (nn.Embedding(sparse=False)) and a dense optimizer."
     )
 
 
@@ -314,41 +297,41 @@ def refuse_gradient_layout(name: str, param: Any, grad: Any) -> None:
     )
 
 
-def check_param_names(param_names: Any, count: int) -> None:
-    """`param_names` (None or one name per tensor) against the engine's `count` tensors."""
-    if param_names is not None and len(param_names) != count:
-        raise ValueError(f"param_names has {len(param_names)} names for {count} tensors.")
+def check_param_names(param_names: Any, count: int, required: bool = False) -> None:
+    """`param_names` (one name per tensor; None allowed unless `required`) against `count` tensors."""
+    if (param_names is None and required) or (param_names is not None and len(param_names) != count):
+        given = "no names" if param_names is None else f"{len(param_names)} names"
+        raise ValueError(f"param_names: {given} for {count} tensors; pass one name per tensor.")
 
 
 def refuse_repeated_tensors(params: list[Any], where: str) -> None:
-    """Each tensor once: a repeated one would count twice in the global norm and be moved twice (its part of ε
-    doubled), which torch.optim also refuses across groups.
+    """Each parameter once, and no two over the same memory: a repeated one, or two `Parameter`s viewing one storage,
+    would count twice in the global norm and be moved twice (that part of ε doubled, ‖ε‖ up to √2·ρ); torch.optim
+    refuses the first across groups. Tied weights are one `Parameter` and pass.
 
     Raises:
-        ValueError: a tensor appears more than once in `params`.
+        ValueError: a tensor appears twice, or two tensors share memory; the message names their positions.
     """
-    seen: set[int] = set()
+    seen: dict[int, int] = {}
+    spans: dict[tuple, list[tuple[int, int, int]]] = {}
     for i, p in enumerate(params):
         if id(p) in seen:
             raise ValueError(
                 f"VASSO: {where}: tensor #{i} is given more than once (in one param group or in two); it would "
                 "count twice in the global norm and be moved twice. List each parameter once."
             )
-        seen.add(id(p))
-
-
-def check_new_param_group(new: list[Any], known: list[Any], names: Any, engine_has_names: bool) -> None:
-    """A group given to `add_param_group`: tensors the engine does not have yet, each once, and one name per new
-    tensor exactly when the engine has names."""
-    refuse_repeated_tensors(new, "add_param_group")
-    ids = {id(p) for p in known}
-    if any(id(p) in ids for p in new):
-        raise ValueError(
-            "add_param_group: a tensor of the new group is already optimised by VASSO; a parameter may belong "
-            "to one group only (change its group's rho instead)."
-        )
-    if engine_has_names != (names is not None) or (names is not None and len(names) != len(new)):
-        raise ValueError(
-            f"add_param_group: pass one name per new tensor ({len(new)}) exactly when the engine "
-            f"has names (it {'has' if engine_has_names else 'has none'})."
-        )
+        seen[id(p)] = i
+        t = p.to_local() if hasattr(p, "to_local") else p
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        owners = spans.setdefault((t.device, t.untyped_storage().data_ptr()), [])
+        for j, a, b in owners:
+            if start < b and a < end:
+                raise ValueError(
+                    f"VASSO: {where}: tensors #{j} and #{i} share memory (two Parameters viewing one storage): "
+                    "VASSO would move that memory twice, by up to √2·ρ. Make them one Parameter (tie it) or give "
+                    "each its own storage (.clone())."
+                )
+        owners.append((i, start, end))

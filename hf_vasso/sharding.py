@@ -22,7 +22,6 @@ different stages, is outside that assumption.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,9 +29,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from .rules import refuse_gradient_layout, refuse_unsupported_placement
-
-if TYPE_CHECKING:
-    from .flat_layout import FlatLayout
 
 _SHARDED = (Shard, _StridedShard)  # _StridedShard (FSDP2 over tensor parallelism) is not a Shard subclass
 
@@ -61,7 +57,6 @@ class ShardReduction:
         classes: dict[tuple[tuple[int, ...], ...], int] = {}
         self.class_of = [classes.setdefault(self._reduced_groups(i, p), len(classes)) for i, p in enumerate(params)]
         self._classes = list(classes)  # class id -> the rank sets its sums go over
-        self._plan_version: int | None = None
 
     def _reduced_groups(self, i: int, p: torch.Tensor) -> tuple[tuple[int, ...], ...]:
         """The rank sets (one per sharded mesh dimension of more than one rank) that parameter `i`'s sums go over."""
@@ -113,54 +108,6 @@ class ShardReduction:
         for group in self._groups.values():
             dist.all_reduce(t, group=group)
         return t
-
-    def several_classes(self, layout: FlatLayout) -> bool:
-        """Whether the active tensors of `layout` form several reduction classes: per-cohort sums must then be
-        formed per class, from per-tensor sums (`sum_tensors`); with one class, contiguous per-cohort sums serve
-        (`sum_cohorts`)."""
-        return self._plan(layout) is not None
-
-    def sum_cohorts(self, per_cohort: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
-        """Per-cohort local sums (one per segment of `layout`, whose active tensors form one class), summed over
-        ranks."""
-        return self.sum_over_ranks({self.class_of[layout.active[0]]: per_cohort})
-
-    def sum_tensors(self, per_tensor: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
-        """Per-cohort global sums from local sums per active tensor (1-D, in the order of `layout.active`), each
-        reduction class through its own process groups."""
-        index = self._plan(layout)
-        if index is None:
-            sizes = [len(s.indices) for s in layout.segments]
-            return self.sum_cohorts(torch.stack([t.sum() for t in per_tensor.split(sizes)]), layout)
-        return self._per_class(per_tensor, index, layout)
-
-    def cohort_sq_norms(self, flat: torch.Tensor, views: list[torch.Tensor], layout: FlatLayout) -> torch.Tensor:
-        """||flat[cohort]||² for each cohort of `layout`, summed over ranks (`views`: flat's per-tensor views, in the
-        order of `layout.active`)."""
-        index = self._plan(layout)
-        if index is None:  # one class: one norm per contiguous cohort
-            norms = torch.stack([torch.linalg.vector_norm(flat[s.start : s.end]) for s in layout.segments])
-            return self.sum_cohorts(norms.square(), layout)
-        return self._per_class(torch.stack(torch._foreach_norm(views, 2)).square(), index, layout)
-
-    def _per_class(self, per_tensor: torch.Tensor, index: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
-        n = len(layout.segments)
-        table = per_tensor.new_zeros(len(self._classes) * n).index_add_(0, index, per_tensor)
-        present = sorted({self.class_of[i] for i in layout.active})
-        return self.sum_over_ranks({c: table[c * n : (c + 1) * n] for c in present})
-
-    def _plan(self, layout: FlatLayout) -> torch.Tensor | None:
-        """None when the active tensors form one class, else each active tensor's (class, cohort) slot (cached per
-        layout build: a host-side computation)."""
-        if self._plan_version != layout.version:
-            classes = {self.class_of[i] for i in layout.active}
-            self._index = None
-            if len(classes) > 1:
-                cohort = {i: k for k, s in enumerate(layout.segments) for i in s.indices}
-                slots = [self.class_of[i] * len(layout.segments) + cohort[i] for i in layout.active]
-                self._index = torch.tensor(slots, device=layout.device)
-            self._plan_version = layout.version
-        return self._index
 
 
 def check_gradient_layout(param: torch.Tensor, grad: torch.Tensor, name: str) -> None:

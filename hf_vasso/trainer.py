@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import inspect
 import os
 import shutil
@@ -18,19 +17,19 @@ from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.utils import logging
 
 from .arguments import VassoArguments, as_vasso_arguments
-from .batchnorm import frozen_batchnorm_stats
+from .checkpoint import checkpoint_problem, load_converted_weights, newest_complete_checkpoint
+from .module_state import BufferSnapshot
+from .optimizer import VASSO
 from .rules import (
     refuse_generating_trainer,
     refuse_mixin_after_base,
     refuse_sparse_gradients,
     refuse_unsupported_trainer_setup,
-    refuse_vasso_optimizer_in_trainer,
 )
+from .state import STATE_FILE, per_rank_state_file, read_state_file, write_state_file
 from .update import VassoUpdate
 
 logger = logging.get_logger(__name__)
-
-VASSO_STATE_NAME = "vasso_state.pt"
 
 # What trainers' `compute_loss` records on every call, restored after pass 2 so that each step counts once: TRL's
 # metric buffers and token count (SFT, DPO, Reward, KTO, TPO: `_metrics`, `_total_train_tokens`; CPO, ORPO:
@@ -139,16 +138,10 @@ class VassoTrainerMixin:
     def training_step(
         self, model: nn.Module, inputs: Any, num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
-        try:
-            return self._vasso_training_step(model, inputs, num_items_in_batch)
-        except BaseException:
-            # Nothing of an aborted step may reach the next attempt (a resume, an out-of-memory retry).
-            self._pending_micro_batches = []
-            raise
-
-    def _vasso_training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any) -> torch.Tensor:
         # A shallow copy of the same type for pass 2: compute_loss may pop keys (labels under label smoothing).
         kept = copy.copy(inputs)
+        if not self._pending_micro_batches:  # the step's first micro-batch
+            self._clear_gradients_outside_the_model()
         if not self.accelerator.sync_gradients:
             # An earlier micro-batch of the step: pass 1 as usual (the Trainer holds DDP sync), kept for pass 2.
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -159,6 +152,8 @@ class VassoTrainerMixin:
         self._pending_micro_batches = []
         vasso = self._vasso_update()
         vasso.step = self.state.global_step  # an aborted step (exception, restarted loop) may have counted one
+        # ρ and the default geometry as the arguments say now (a callback may change them: a ρ schedule).
+        vasso.rho, vasso.adversary = self.args.rho, self.args.adversary
         adversary = vasso.is_adversary_step()
 
         # Pass 1, last micro-batch. It all-reduces the step's gradient unless each rank keeps its own adversary;
@@ -167,7 +162,7 @@ class VassoTrainerMixin:
         with contextlib.nullcontext() if sync else self._no_sync(model):
             loss = super().training_step(model, inputs, num_items_in_batch)
         grad_scale = self._grad_scale()
-        vasso.absorb_gradient(grad_scale)
+        vasso.absorb_gradient(grad_scale, perturbing=adversary)
         if not adversary:
             return loss
 
@@ -189,9 +184,10 @@ class VassoTrainerMixin:
     def perturbed_pass_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """The context pass 2 runs in (the forward and backward passes at `x + ε`, all micro-batches of the step).
 
-        The base version freezes BatchNorm running statistics and restores the trainer's `PER_CALL_RECORDS` (TRL's
-        metric buffers and token count), so they see each step once. A subclass whose
-        `compute_loss` has side effects that must count each step once (token counters, metric buffers) extends it::
+        The base version puts back every buffer of the model that pass 2 changes (BatchNorm's and InstanceNorm's
+        running statistics, a running buffer of your own) and the trainer's `PER_CALL_RECORDS` (TRL's metric buffers
+        and token count), so they see each step once. A subclass whose `compute_loss` has other side effects that
+        must count each step once (token counters, metric buffers) extends it::
 
             def perturbed_pass_context(self, model):
                 stack = contextlib.ExitStack()
@@ -200,28 +196,47 @@ class VassoTrainerMixin:
                 return stack
         """
         stack = contextlib.ExitStack()
-        stack.enter_context(frozen_batchnorm_stats(model))
+        if getattr(self, "_vasso_buffers", None) is None or self._vasso_buffers.module is not model:
+            self._vasso_buffers = BufferSnapshot(model)  # its copies are reused from step to step
+        stack.enter_context(self._vasso_buffers.restoring())
         stack.enter_context(restored_attributes(self, PER_CALL_RECORDS))
         return stack
 
     def _vasso_update(self) -> VassoUpdate:
-        """The VASSO state of the current optimizer: built on first use, and anew whenever the optimizer is new."""
+        """The VASSO state of the current optimizer: built on first use, and anew whenever the optimizer is new.
+
+        It acts on exactly what the optimizer steps, as every SAM wrapper does: parameters of the model and others
+        (a learnable temperature in `compute_loss`, a loss module's classifier in sentence-transformers), groups
+        with their own ρ, groups added to the optimizer later."""
         optimizer = _unwrap_optimizer(self.optimizer)
         if self._vasso is None or self._vasso_optimizer is not optimizer:
-            named = list(self.model.named_parameters())
             refuse_sparse_gradients(self.model)
+            names = {id(p): n for n, p in self.model.named_parameters()}
             self._vasso = VassoUpdate(
-                [p for _, p in named],
+                optimizer,
                 rho=self.args.rho,
                 theta=self.args.theta,
                 adversary_prob=self.args.adversary_prob,
                 seed=self.args.seed,
-                adaptive=self.args.adaptive,
-                param_names=[n for n, _ in named],
+                adversary=self.args.adversary,
+                param_names=lambda p: names.get(id(p)) or _outside_name(optimizer, p),
             )
             self._vasso.step = self.state.global_step
             self._vasso_optimizer = optimizer
         return self._vasso
+
+    def _clear_gradients_outside_the_model(self) -> None:
+        """The Trainer clears gradients with `model.zero_grad()` only: a parameter the optimizer steps but the model
+        does not own would carry its gradient into the next step, and into that step's d. Cleared here, as
+        `optimizer.zero_grad()` would."""
+        vasso = self._vasso
+        if vasso is None or _unwrap_optimizer(self.optimizer) is not self._vasso_optimizer:
+            return  # the step that builds the engine starts from the training loop's cleared gradients
+        if getattr(self, "_vasso_outside", (None, 0))[1] != len(vasso.params):  # recounted when groups are added
+            owned = {id(p) for p in self.model.parameters()}
+            self._vasso_outside = ([p for p in vasso.params if id(p) not in owned], len(vasso.params))
+        for p in self._vasso_outside[0]:
+            p.grad = None
 
     def _no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """The same no-sync context the Trainer's own loop uses for non-final micro-batches."""
@@ -270,7 +285,7 @@ class VassoTrainerMixin:
         # A save from inside a step (transformers' JIT checkpoint saves from on_pre_optimizer_step): d already holds
         # this step's gradient, while the weights, the optimizer and the step count are the last step's, and a
         # checkpoint of that mix cannot resume exactly. The step finishes (its optimizer step is in progress) and
-        # is saved at its end by _maybe_log_save_evaluate, as a complete checkpoint of the next step number.
+        # is saved right after it, before any evaluation, as a complete checkpoint of the next step number.
         self._vasso_deferred_save = True
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         _remove_placeholder_folder(folder)
@@ -280,36 +295,37 @@ class VassoTrainerMixin:
             "so that it resumes exactly."
         )
 
-    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+    def _maybe_log_save_evaluate(self, tr_loss: Any, grad_norm: Any, model: nn.Module, trial: Any, *args, **kwargs):
         if self._vasso_deferred_save:
+            # First thing after the step: a preemption's grace period may not wait for an evaluation, and a
+            # `save_strategy="best"` evaluation must not drop it.
             self._vasso_deferred_save = False
-            self.control.should_save = True
-        return super()._maybe_log_save_evaluate(*args, **kwargs)
+            self._save_checkpoint(model, trial)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self._vasso is None:
             return
         if self._vasso_state_is_per_rank():
-            path = os.path.join(output_dir, _per_rank_name(self.args.process_index))
+            path = os.path.join(output_dir, per_rank_state_file(self.args.process_index))
         elif self.args.should_save:
-            path = os.path.join(output_dir, VASSO_STATE_NAME)
+            path = os.path.join(output_dir, STATE_FILE)
         else:
             return
         os.makedirs(output_dir, exist_ok=True)
-        state = self._vasso.state_dict()
-        state["checksum"] = state_checksum(state)
-        save_atomically(state, path)
+        write_state_file(self._vasso.state_dict(), path)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
         if self._vasso_state_is_per_rank():
-            candidates = [_per_rank_name(self.args.process_index), VASSO_STATE_NAME]
+            candidates = [per_rank_state_file(self.args.process_index), STATE_FILE]
         else:
             # Every rank must hold the same d: from a per-rank checkpoint, all take rank 0's.
-            candidates = [VASSO_STATE_NAME, _per_rank_name(0)]
+            candidates = [STATE_FILE, per_rank_state_file(0)]
         path = next((p for p in (os.path.join(checkpoint, n) for n in candidates) if os.path.isfile(p)), None)
         self._vasso = None  # whatever this trainer held before, the checkpoint decides
         vasso = self._vasso_update()
@@ -320,26 +336,47 @@ class VassoTrainerMixin:
                 f"gradient; the eVASSO coins continue from step {self.state.global_step}."
             )
             return
-        fix = f"Resume from an earlier checkpoint, or delete {path} to resume from this one with d starting afresh."
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # truncated, empty, not a torch file: torch raises many types
-            raise ValueError(
-                f"The VASSO state file {path} cannot be read ({type(error).__name__}: {error}). {fix}"
-            ) from error
-        if isinstance(state, dict) and "checksum" in state:
-            saved = state.pop("checksum")
-            if saved != state_checksum(state):
-                raise ValueError(
-                    f"The VASSO state file {path} is damaged: the checksum of its contents does not match the one "
-                    f"written with it (the file changed on disk after it was saved). {fix}"
-                )
-        elif isinstance(state, dict):
-            logger.warning(f"{path} has no checksum (written by an older hf_vasso): it is loaded unchecked.")
+        state = read_state_file(path)
         try:
             vasso.load_state_dict(state, expected_step=self.state.global_step)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
+            fix = (
+                f"Resume from an earlier checkpoint, or delete {path} to resume from this one with d starting afresh."
+            )
             raise ValueError(f"The VASSO state file {path} does not fit this run: {error} {fix}") from error
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self.is_fsdp_enabled and load_converted_weights(model or self.model, resume_from_checkpoint):
+            logger.info(f"Loaded the weights of {resume_from_checkpoint} through transformers' key conversion.")
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if best and not self.is_fsdp_enabled and not self.is_deepspeed_enabled:
+            load_converted_weights(self.model, best)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, except that `resume_from_checkpoint=True` takes the newest *complete* checkpoint of
+        `output_dir` (see `hf_vasso.checkpoint`), saying which newer ones it skipped and why, and that an explicit
+        checkpoint that is not complete is refused with the reason instead of failing halfway through its load."""
+        if resume_from_checkpoint is True:
+            path, skipped = newest_complete_checkpoint(self.args.output_dir)
+            for folder, why in skipped:
+                logger.warning(f"Skipping {folder}: {why}.")
+            if path is None:
+                raise ValueError(
+                    f"No complete checkpoint found in output directory ({self.args.output_dir})"
+                    + (f": {len(skipped)} incomplete ones were skipped." if skipped else ".")
+                )
+            if skipped:
+                logger.warning(f"Resuming from {path}, the newest complete checkpoint.")
+            resume_from_checkpoint = path
+        elif isinstance(resume_from_checkpoint, str) and (problem := checkpoint_problem(resume_from_checkpoint)):
+            newest, _ = newest_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))
+            hint = f" The newest complete one beside it is {newest}." if newest else ""
+            raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.{hint}")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -374,53 +411,30 @@ def apply_peft_config(model: nn.Module | None, peft_config: Any | None) -> nn.Mo
     return get_peft_model(model, peft_config)
 
 
-def state_checksum(state: dict[str, Any]) -> str:
-    """SHA-256 of a VASSO state: the bytes of every tensor in `d` (in order) and the other entries' text.
-
-    torch does not check the CRCs of its zip records on load, so a flipped byte in `d` would load silently.
-    """
-    digest = hashlib.sha256()
-    for t in state.get("d") or []:
-        if t is None:
-            digest.update(b"none")
-        else:
-            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    rest = {k: v for k, v in state.items() if k not in ("d", "checksum")}
-    digest.update(repr(sorted(rest.items())).encode())
-    return digest.hexdigest()
-
-
-def save_atomically(obj: Any, path: str) -> None:
-    """`torch.save` to a temporary name in the same folder, then an atomic rename: `path` is either the old file or
-    the complete new one, never half a file.
-
-    Raises:
-        OSError: the write failed; the message names `path` and the cause (e.g. no space left on the device).
-    """
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except Exception as error:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            free = shutil.disk_usage(folder).free
-            cause = f"{free} bytes free on the device of {folder}" + (": no space left" if free < (1 << 20) else "")
-        except OSError:
-            cause = "the free space could not be read"
-        raise OSError(
-            f"Could not write the VASSO state file {path} ({type(error).__name__}: {error}; {cause}). Nothing was "
-            "written under that name. Free space (or choose another output_dir) and save again."
-        ) from error
-
-
 def _remove_placeholder_folder(folder: str) -> None:
     """Remove `folder` if it holds nothing but transformers' JIT "checkpoint-is-incomplete.txt" marker."""
     if os.path.isdir(folder) and set(os.listdir(folder)) <= {"checkpoint-is-incomplete.txt"}:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _outside_name(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> str:
+    """A name for a parameter the optimizer steps but the model does not own: its place in the param groups."""
+    for g, group in enumerate(optimizer.param_groups):
+        for k, p in enumerate(group["params"]):
+            if p is param:
+                return f"<not in the model: param_groups[{g}][{k}]>"
+    return "<not in the model>"
+
+
+def refuse_vasso_optimizer_in_trainer(optimizer: Any, optimizer_cls: Any) -> None:
+    """VassoTrainer runs the VASSO step itself: a `VASSO` wrapper as its optimizer would run a second one."""
+    if isinstance(optimizer, VASSO) or (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, VASSO)):
+        raise ValueError(
+            "VassoTrainer was given the VASSO wrapper as its optimizer (optimizers=(VASSO(...), ...) or "
+            "optimizer_cls_and_kwargs=(VASSO, ...)): VassoTrainer already runs the VASSO step, and the wrapper would "
+            "run a second adversary inside it. Pass the base optimizer (e.g. optimizers=(torch.optim.AdamW(...), "
+            "None)) and the VASSO hyperparameters in the arguments (VassoConfig(rho=..., theta=...))."
+        )
 
 
 def _unwrap_optimizer(optimizer: Any) -> Any:
@@ -428,10 +442,6 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
     while hasattr(optimizer, "optimizer") and isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
-
-
-def _per_rank_name(rank: int) -> str:
-    return f"vasso_state_rank{rank}.pt"
 
 
 class _PeftConfigArgument:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from datasets import Dataset
 from torch import nn
+from transformers import TrainerCallback
 
 from hf_vasso import VassoConfig
 
@@ -149,6 +150,23 @@ def reference_vasso(
     return model, records
 
 
+class RequestJITCheckpoint(TrainerCallback):
+    """Raise transformers' JIT checkpoint request at `hook` of step `at_step`, as the SIGTERM timer does (the trainer
+    needs `enable_jit_checkpoint=True`)."""
+
+    def __init__(self, trainer, hook: str, at_step: int) -> None:
+        from transformers.trainer_jit_checkpoint import JITCheckpointCallback
+
+        self.manager = next(c for c in trainer.callback_handler.callbacks if isinstance(c, JITCheckpointCallback))
+        self.hook, self.at_step, self.fired = hook, at_step, False
+        setattr(self, hook, self._request)
+
+    def _request(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step and not self.fired:
+            self.fired = True
+            self.manager.jit_manager.is_checkpoint_requested = True
+
+
 # ---------------------------------------------------------------------------------------------------- shared models,
 # data and the plain loop, for the tests, the benchmarks and the studies alike
 
@@ -269,20 +287,6 @@ def assert_png(path: str) -> None:
 def assert_provenance(md: str, script: str) -> None:
     assert f"Command: `python {script} --quick" in md
     assert "Machine:" in md and "torch " in md
-
-
-def use_geometry(monkeypatch, key: str) -> bool:
-    """The `adaptive` switch value that makes the engine build adversary geometry `key` (a key of
-    `hf_vasso.adversary.GEOMETRIES`). A registered geometry that no switch reaches yet is routed through
-    `adaptive=True` for the test, so every registered geometry runs the identity tests parametrised over the registry.
-    """
-    from hf_vasso.adversary import ADAPTIVE_SWITCH
-
-    for value, selected in ADAPTIVE_SWITCH.items():
-        if selected == key:
-            return value
-    monkeypatch.setitem(ADAPTIVE_SWITCH, True, key)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------- memory, as the

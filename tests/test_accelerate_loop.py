@@ -38,4 +38,5 @@ def test_accelerate_loop_matches_plain_loop():
     assert max_abs_diff(weights(accelerator.unwrap_model(model)), weights(reference)) < 1e-6
     assert vasso.vasso.step == reference_optimizer.vasso.step == 6
     # Accelerate saves the optimizer's state_dict: d travels with it.
-    assert "vasso" in optimizer.state_dict()
+    state = optimizer.state_dict()
+    assert state["param_groups"][0]["vasso"]["step"] == 6 and "vasso_d" in state["state"][0]

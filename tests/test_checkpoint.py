@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
-from helpers import make_args, make_data, make_dataset, make_model, weights
+from helpers import RequestJITCheckpoint, make_args, make_data, make_dataset, make_model, weights
 from transformers import TrainerCallback
-from transformers.trainer_jit_checkpoint import JITCheckpointCallback
 
 from hf_vasso import VASSO, VassoTrainer
-from hf_vasso.trainer import VASSO_STATE_NAME, state_checksum
+from hf_vasso.state import STATE_FILE as VASSO_STATE_NAME
+from hf_vasso.state import state_checksum
 
 
 def run(output_dir, resume=None, **overrides):
@@ -56,8 +56,11 @@ def test_state_file_contents(tmp_path):
     state = torch.load(tmp_path / "checkpoint-8" / VASSO_STATE_NAME, weights_only=True)
     assert state["step"] == 8
     assert state["initialized"] is True
-    assert state["param_names"] == [n for n, p in trainer.model.named_parameters()]
-    assert [d.shape for d in state["d"]] == [p.shape for p in trainer.model.parameters()]
+    # d per parameter the optimizer steps, in the optimizer's order, named by the model's names
+    stepped = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert state["param_names"] == [names[id(p)] for p in stepped]
+    assert [d.shape for d in state["d"]] == [p.shape for p in stepped]
     assert all(d.dtype == torch.float32 for d in state["d"])
 
 
@@ -66,6 +69,7 @@ def test_state_for_other_parameters_is_refused(tmp_path):
     trainer = VassoTrainer(model=make_model(), args=make_args(tmp_path / "b"), train_dataset=make_dataset())
     state = torch.load(tmp_path / "a" / "checkpoint-4" / VASSO_STATE_NAME, weights_only=True)
     state["d"] = state["d"][:-1]
+    trainer.create_optimizer()
     with pytest.raises(ValueError, match="do not match"):
         trainer._vasso_update().load_state_dict(state)
 
@@ -169,7 +173,8 @@ def test_wrapper_state_dict_round_trip():
         scheduler.step()
     assert optimizer.base_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 8)
     state = copy.deepcopy(optimizer.state_dict())  # as torch.save + torch.load would: no shared tensors
-    assert "vasso" in state and state["vasso"]["step"] == 3 and "exp_avg" in state["state"][0]
+    assert state["param_groups"][0]["vasso"]["step"] == 3 and "exp_avg" in state["state"][0]
+    assert torch.equal(state["state"][0]["vasso_d"], optimizer.vasso.d[0])  # d beside the base's own state
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
 
     twin = make_model()
@@ -187,25 +192,11 @@ def test_wrapper_state_dict_round_trip():
 def test_wrapper_refuses_state_without_vasso():
     model = make_model()
     optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="no 'vasso' entry"):
+    with pytest.raises(ValueError, match="has no VASSO state"):
         optimizer.load_state_dict(optimizer.base_optimizer.state_dict())
 
 
 # ---------------------------------------------------------------- a checkpoint written at any point of a step
-
-
-class RequestJITCheckpoint(TrainerCallback):
-    """Raise transformers' JIT checkpoint request at `hook` of step `at_step`, as the SIGTERM timer does."""
-
-    def __init__(self, trainer, hook: str, at_step: int) -> None:
-        self.manager = next(c for c in trainer.callback_handler.callbacks if isinstance(c, JITCheckpointCallback))
-        self.hook, self.at_step, self.fired = hook, at_step, False
-        setattr(self, hook, self._request)
-
-    def _request(self, args, state, control, **kwargs):
-        if state.global_step == self.at_step and not self.fired:
-            self.fired = True
-            self.manager.jit_manager.is_checkpoint_requested = True
 
 
 @pytest.mark.parametrize(

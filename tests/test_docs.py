@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, make_data, make_dataset, use_geometry, vasso_step, weights
+from helpers import REPO, make_data, make_dataset, vasso_step, weights
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import Trainer, TrainingArguments
@@ -189,8 +189,7 @@ def check_geometry_class(cls: type, monkeypatch) -> str:
     the weights and restores them bit for bit. (Its identities are the registry-wide tests of test_engine_variants.)"""
     assert GEOMETRIES.get(cls.name) is cls, f"{cls.__name__} is not registered under {cls.name!r}"
     model, (x, y) = DocModel(), make_data(32)
-    adaptive = use_geometry(monkeypatch, cls.name)  # the switch routed to the new key for this test
-    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, theta=0.4, adaptive=adaptive)
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, theta=0.4, adversary=cls.name)
     assert [type(g) for g in optimizer.vasso.geometries] == [cls], "the engine did not build the block's geometry"
     before = weights(model)
     nn.functional.mse_loss(model(x), y).backward()
@@ -232,7 +231,7 @@ def check_loop_steps(optimizer: VASSO, model: nn.Module, namespace: dict, loader
         theta=optimizer.vasso.theta,
         adversary_prob=optimizer.vasso.adversary_prob,
         seed=optimizer.vasso.seed,
-        adaptive=optimizer.vasso.adaptive,
+        adversary=optimizer.vasso.adversary,
     )
     for start in range(0, len(batches) - k + 1, k):
         x, y = (torch.cat(t) for t in zip(*batches[start : start + k]))

@@ -7,12 +7,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import make_data, make_model, use_geometry, weights
+from helpers import make_data, make_model, weights
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_vasso import VASSO, VassoUpdate
 from hf_vasso.adversary import GEOMETRIES
-from hf_vasso.update import STATE_FORMAT, adversary_coin
+from hf_vasso.state import STATE_FORMAT
+from hf_vasso.update import adversary_coin
 
 
 class SkippingSGD(torch.optim.SGD):
@@ -192,7 +194,7 @@ def test_wrapper_load_is_atomic():
         model(x, labels=y)["loss"].backward()
         optimizer.second_step(zero_grad=True)
     state = optimizer.state_dict()
-    state["vasso"]["d"][0] = torch.full_like(state["vasso"]["d"][0], float("inf"))
+    state["state"][0]["vasso_d"] = torch.full_like(state["state"][0]["vasso_d"], float("inf"))
     target = VASSO(torch.optim.AdamW(make_model().parameters(), lr=1e-2))
     with pytest.raises(ValueError, match="non-finite"):
         target.load_state_dict(state)
@@ -234,8 +236,11 @@ def test_sparse_gradients_are_refused_with_a_clear_message():
         VASSO(torch.optim.SparseAdam(embedding.parameters()))
     update = VassoUpdate(embedding.parameters(), rho=0.1, theta=0.4, param_names=["embed.weight"])
     embedding(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(ValueError, match="embed.weight has a sparse gradient"):
+    with pytest.raises(ValueError, match="The gradient of embed.weight is sparse"):
         update.absorb_gradient()
+    unnamed = VassoUpdate(embedding.parameters(), rho=0.1, theta=0.4)
+    with pytest.raises(ValueError, match=r"The gradient of parameter #0 is sparse"):
+        unnamed.absorb_gradient()
 
 
 def test_is_adversary_step_is_the_module_coin():
@@ -340,54 +345,93 @@ def test_state_format_tag(tmp_path):
         assert other.step == 0 and all(not d.any() for d in other.d)
 
 
-@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
-def test_hot_path_never_reads_a_tensor_value_on_the_host(monkeypatch, geometry):
-    """absorb/perturb/restore/guard/record_losses decide on the device, for every registered geometry: any host read
-    of a tensor value raises here (through a GradScaler scale, a NaN step, a per-group rho and a change of the
-    trainable set)."""
-    adaptive = use_geometry(monkeypatch, geometry)
-    x, y = make_data()
-    model = make_model()
-    groups = [{"params": list(model.net[0].parameters()), "rho": 0.2}, {"params": list(model.net[-1].parameters())}]
-    update = VassoUpdate(groups, rho=0.1, theta=0.4, adaptive=adaptive)
-    assert {type(g) for g in update.geometries} == {GEOMETRIES[geometry]}
+# aten ops that make the host wait for the device (on CUDA, `torch.cuda.set_sync_debug_mode("error")` flags them).
+SYNCING_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2"}
 
-    def host_read(*args, **kwargs):
-        raise AssertionError("host read of a tensor value on the hot path")
 
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, host_read)
-    scale = torch.tensor(256.0)
+class SyncDetector(TorchDispatchMode):
+    """Fails on every aten op that synchronises host and device, and on boolean-mask indexing (a `nonzero`)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
+        if name in SYNCING_OPS or any(t is not None and t.dtype == torch.bool for t in indices or ()):
+            raise AssertionError(f"{func} synchronises host and device on the hot path")
+        return func(*args, **(kwargs or {}))
+
+
+def hot_path_steps(model, update, x, y, scale):
+    """absorb / perturb / restore / guard / record_losses over 4 steps: a GradScaler scale, a NaN step, a change of
+    the trainable set."""
     for step in range(4):
         if step == 2:
             model.net[0].weight.requires_grad_(False)
         model.zero_grad()
         loss = model(x, labels=y)["loss"]
         (loss * (float("nan") if step == 1 else 1.0) * scale).backward()
-        update.absorb_gradient(scale if step % 2 else None)
-        update.perturb()
-        perturbed = model(x, labels=y)["loss"]
-        perturbed.backward()
-        update.restore()
-        update.guard_perturbed_gradient()
-        update.record_losses(loss, perturbed)
-    monkeypatch.undo()
+        update.absorb_gradient(scale if step % 2 else None, perturbing=step != 3)
+        if step != 3:
+            update.perturb()
+            perturbed = model(x, labels=y)["loss"]
+            perturbed.backward()
+            update.restore()
+            update.guard_perturbed_gradient()
+            update.record_losses(loss, perturbed)
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_hot_path_never_synchronises_host_and_device(monkeypatch, geometry):
+    """The step decides on the device, for every registered geometry and both ways of moving weights: no aten op that
+    syncs (`SyncDetector`: `.item()`, `nonzero`, a boolean mask, `equal`, ...), no Python read of a tensor value, and
+    the whole step runs on the `meta` device, whose tensors have no values at all (a `.cpu()` round trip, or any read
+    that the dispatcher does not see on a CPU, fails there), taking the accelerators' branches."""
+    x, y = make_data()
+    model = make_model()
+    groups = [{"params": list(model.net[0].parameters()), "rho": 0.2}, {"params": list(model.net[-1].parameters())}]
+    update = VassoUpdate(groups, rho=0.1, theta=0.4, adversary=geometry)
+    assert {type(g) for g in update.geometries} == {GEOMETRIES[geometry]}
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read of a tensor value on the hot path")
+
+    scale = torch.tensor(256.0)
+    with monkeypatch.context() as patched, SyncDetector():
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"):
+            patched.setattr(torch.Tensor, name, host_read)
+        hot_path_steps(model, update, x, y, scale)
     assert update.pop_metrics()["vasso/nonfinite_fraction"] == 0.25
 
+    meta = make_model().to("meta")
+    groups = [{"params": list(meta.net[0].parameters()), "rho": 0.2}, {"params": list(meta.net[-1].parameters())}]
+    update = VassoUpdate(groups, rho=0.1, theta=0.4, adversary=geometry)
+    hot_path_steps(meta, update, x.to("meta"), y.to("meta"), scale.to("meta"))
 
-@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "ASAM"])
+
+def test_the_sync_detector_catches_a_boolean_mask_and_a_host_copy():
+    """The detectors above can fail: a boolean-mask assignment and `.item()` raise under `SyncDetector`, and a
+    `.cpu()` round trip raises on the meta device."""
+    t = torch.randn(8)
+    with pytest.raises(AssertionError, match="synchronises"), SyncDetector():
+        t[t > 0] = 0.0
+    with pytest.raises(AssertionError, match="synchronises"), SyncDetector():
+        t.sum().item()
+    with pytest.raises(NotImplementedError):
+        torch.randn(8, device="meta").cpu()
+
+
+@pytest.mark.parametrize("adversary", sorted(GEOMETRIES))
 @pytest.mark.parametrize(
     ("scale", "moves"),
     [(1e-20, True), (1e-21, False), (1e-23, False), (1e-24, False), (1e18, False)],
 )
-def test_extreme_gradient_norms_give_rho_or_no_perturbation(adaptive, scale, moves):
+def test_extreme_gradient_norms_give_rho_or_no_perturbation(adversary, scale, moves):
     """The global norm is a sum of squares in fp32 (summable across ranks). Where ‖d‖² is a normal fp32 number the
     perturbation has norm ρ; where it would be subnormal (‖d‖ below about 1.1e-19, where its rounding made ‖ε‖ up to
     2.6ρ) the step is not perturbed, as with ‖d‖ = 0; where it overflows (‖g‖ above about 1.8e19) the gradient is
     handled as non-finite: d unchanged, no perturbation, counted in `vasso/nonfinite_fraction`."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.ones(1000))
-    update = VassoUpdate([p], rho=1.0, theta=1.0, adaptive=adaptive)
+    update = VassoUpdate([p], rho=1.0, theta=1.0, adversary=adversary)
     p.grad = torch.randn(1000) * scale
     before = p.detach().clone()
     update.absorb_gradient()

@@ -1,5 +1,6 @@
-"""What the engine keeps and allocates: d in fp32 and the saved weights in their own dtype (2.0x the trainable bytes
-for fp32 weights, 3.0x for bf16), and during a step at most one tensor's worth of fp32 more (issue 17)."""
+"""What the engine keeps and allocates, measured by the CPU allocator: d in fp32 and the saved weights in their own
+dtype (2.0x the trainable bytes for fp32 weights, 3.0x for bf16), and during a step at most one tensor's worth of
+fp32 more, for every registered adversary geometry."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from helpers import allocated_per_phase, tiny_llama
 
 from hf_vasso import VassoUpdate
+from hf_vasso.adversary import GEOMETRIES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STATE_TARGET = {"fp32": 2.0, "bf16": 3.0}
@@ -34,17 +36,25 @@ def _step(update: VassoUpdate, params, g, h) -> None:
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_state_bytes_within_target(dtype):
-    """state_bytes() is d (4 bytes an element) plus the saved weights in their own dtype, and is what is allocated."""
+    """What the engine holds after a step, as the allocator counts it, is d (4 bytes an element) plus the saved
+    weights in their own dtype: `state_bytes()`, at most 2.0x the trainable bytes for fp32 weights, 3.0x for bf16."""
     params = list(_model(DTYPES[dtype]).parameters())
-    update = VassoUpdate(params, rho=0.05, theta=0.4)
     trainable = _trainable_bytes(params)
     numel = sum(p.numel() for p in params)
-    assert update.state_bytes() == 4 * numel + trainable
-    assert update.state_bytes() / trainable <= STATE_TARGET[dtype]
     g = [torch.randn_like(p) for p in params]
     h = [torch.randn_like(p) for p in params]
-    _step(update, params, g, h)  # allocates the saved weights
+    built = {}
+
+    def build_and_step():
+        built["update"] = VassoUpdate(params, rho=0.05, theta=0.4)
+        _step(built["update"], params, g, h)  # the first perturbation allocates the saved weights
+
+    held = allocated_per_phase({"build and step": build_and_step})["build and step"][0]
+    update = built["update"]
     assert update.state_bytes() == 4 * numel + trainable
+    slack = 64 * len(params) + 4096  # the 0-d scalars and per-step flags the engine keeps, a few bytes a tensor
+    assert update.state_bytes() <= held <= update.state_bytes() + slack, (held, update.state_bytes())
+    assert held / trainable <= STATE_TARGET[dtype] + slack / trainable
 
 
 def test_state_bytes_mixed_dtypes():
@@ -63,18 +73,19 @@ def test_state_bytes_mixed_dtypes():
     assert all(torch.equal(p, b) for p, b in zip(params, before))  # restored bit for bit, both dtypes
 
 
-@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "asam"])
+@pytest.mark.parametrize("adversary", sorted(GEOMETRIES))
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_peak_extra_within_state_plus_largest_tensor(dtype, adaptive):
+def test_peak_extra_within_state_plus_largest_tensor(dtype, adversary):
     """During a step the engine allocates at most the largest tensor in fp32 beyond its state, measured by the CPU
-    allocator, whatever the geometry's own temporaries (ASAM's |w|·d and |w|²d) and the weights' dtype."""
+    allocator, whatever the geometry's own temporaries (ASAM's |w|·d and |w|²d) and the weights' dtype: for every
+    registered geometry (one that allocates more fails here)."""
     params = list(_model(DTYPES[dtype]).parameters())
     g = [torch.randn_like(p) for p in params]
     h = [torch.randn_like(p) for p in params]
     built = {}
 
     def build():
-        built["update"] = VassoUpdate(params, rho=0.05, theta=0.4, adaptive=adaptive)
+        built["update"] = VassoUpdate(params, rho=0.05, theta=0.4, adversary=adversary)
 
     memory = allocated_per_phase(
         {
@@ -92,9 +103,9 @@ def test_peak_extra_within_state_plus_largest_tensor(dtype, adaptive):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_pass_two_guard_zeroes_large_gradients_through_word_views(dtype):
-    """The pass-2 guard's masked_fill_ runs over 16-byte words for large tensors: a non-finite gradient becomes +0.0
-    everywhere (every tensor, odd sizes included), a finite one is left bit for bit."""
+def test_pass_two_guard_zeroes_a_nonfinite_gradient_everywhere(dtype):
+    """The pass-2 guard: a non-finite gradient becomes +0.0 everywhere (every tensor, odd sizes included), a finite
+    one is left bit for bit."""
     torch.manual_seed(0)
     shapes = [(256, 129), (4099,), (64, 3)]  # one large enough for the word view, one odd-sized, one small
     params = [torch.nn.Parameter(torch.randn(s, dtype=DTYPES[dtype])) for s in shapes]
@@ -116,45 +127,3 @@ def test_pass_two_guard_zeroes_large_gradients_through_word_views(dtype):
                 assert torch.equal(p.grad, torch.zeros_like(p)) and not torch.signbit(p.grad).any()
             else:
                 assert torch.equal(p.grad, hi)
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("theta", [0.4, 1.0])
-def test_tiles_of_any_size_give_the_same_d(monkeypatch, dtype, theta):
-    """The absorb step's tiles (at most `flat_layout.TILE_ELEMENTS`, split inside tensors) change no bit of d, and the
-    perturbed weights only through the summation order of ‖d‖ (the fp32 sum of per-tile norms): tiles of 7 and 300
-    elements against one tile per cohort, over 3 steps with a non-finite gradient in the middle."""
-    import hf_vasso.flat_layout as flat_layout
-
-    def run(tile_elements: int):
-        monkeypatch.setattr(flat_layout, "TILE_ELEMENTS", tile_elements)
-        params = [p.detach().clone().requires_grad_() for p in _model(DTYPES[dtype]).parameters()]
-        update = VassoUpdate(params, rho=0.05, theta=theta)
-        torch.manual_seed(3)
-        d, moved = [], []
-        for step in range(3):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            if step == 1:
-                params[2].grad.view(-1)[5] = float("inf")
-            update.absorb_gradient()
-            before = [p.detach().clone() for p in params]
-            update.perturb()
-            moved.append([(p.detach().double() - b.double(), b.double().abs()) for p, b in zip(params, before)])
-            d.append([t.clone() for t in update.d])
-            update.restore()
-            assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
-        return d, moved, update.pop_metrics()
-
-    d, moved, metrics = run(1 << 30)
-    assert metrics["vasso/nonfinite_fraction"] > 0 and metrics["vasso/adversary_fraction"] > 0
-    tolerance = torch.finfo(DTYPES[dtype]).eps  # the scale rounded otherwise can flip one rounding of w + ε
-    for size in (7, 300):
-        tiled_d, tiled_moved, tiled_metrics = run(size)
-        assert all(torch.equal(a, b) for x, y in zip(d, tiled_d) for a, b in zip(x, y))
-        for x, y in zip(moved, tiled_moved):  # ε within the norm's summation error, then one rounding of w + ε
-            assert all(
-                ((a - b).abs() <= tolerance * (w + a.abs()) + 1e-5 * a.abs()).all() for (a, w), (b, _) in zip(x, y)
-            )
-        assert tiled_metrics.keys() == metrics.keys()
-        assert all(abs(tiled_metrics[k] - metrics[k]) <= 1e-5 * (1 + abs(metrics[k])) for k in metrics)

@@ -123,7 +123,7 @@ def test_resume_after_a_change_of_the_set_is_bit_exact():
     optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=1e-2), rho=RHO, theta=0.4, adversary_prob=0.7)
     run(model, optimizer, x, y, 5, schedule)
     saved_weights, saved_state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-    assert [s["initialized"] for s in saved_state["vasso"]["segments"]] == [True, True]
+    assert [s["initialized"] for s in saved_state["param_groups"][0]["vasso"]["segments"]] == [True, True]
     run(model, optimizer, x, y, 4, schedule, start=5)
 
     resumed = make_model()

@@ -6,7 +6,7 @@ from helpers import make_args, make_data, make_dataset, make_model, tiny_llama, 
 from peft import LoraConfig, get_peft_model
 
 from hf_vasso import VASSO, VassoTrainer, VassoUpdate
-from hf_vasso.batchnorm import frozen_batchnorm_stats
+from hf_vasso.module_state import BufferSnapshot
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 
@@ -75,12 +75,21 @@ def test_batchnorm_statistics_change_once_per_step(tmp_path):
     assert trainer.model.net[1].num_batches_tracked.item() == 5
 
 
-def test_frozen_batchnorm_flags_come_back_after_an_error():
+def test_buffers_come_back_after_an_error_and_after_a_rebinding():
+    """The pass-2 snapshot puts every buffer back, values and objects, even when pass 2 raises or rebinds one."""
     model = make_model(batchnorm=True)
-    with pytest.raises(RuntimeError), frozen_batchnorm_stats(model):
-        assert not model.net[1].track_running_stats
+    x, y = make_data()
+    model(x, labels=y)
+    bn = model.net[1]
+    saved = {n: b.clone() for n, b in model.named_buffers()}
+    objects = {n: b for n, b in model.named_buffers()}
+    snapshot = BufferSnapshot(model)
+    with pytest.raises(RuntimeError), snapshot.restoring():
+        model(x * 2, labels=y)
+        bn.running_var = torch.zeros_like(bn.running_var)  # rebound to another tensor
         raise RuntimeError("boom")
-    assert model.net[1].track_running_stats
+    for n, b in model.named_buffers():
+        assert b is objects[n] and torch.equal(b, saved[n]), n
 
 
 class FailsOnSecondPass(torch.nn.Module):

@@ -99,7 +99,7 @@ def main() -> None:
         for d_ref, d_sh, p_sh in zip(vasso_ref.d, vasso_sh.d, params_sh):
             assert d_sh.shape == p_sh.to_local().shape, "d must live on the local shard"
             close(full_like_param(d_sh, p_sh), d_ref, f"step {step}: d")
-        d_norm_ref, d_norm_sh = vasso_ref._d_sq.sqrt(), vasso_sh._d_sq.sqrt()
+        d_norm_ref, d_norm_sh = vasso_ref.d_sq.sqrt(), vasso_sh.d_sq.sqrt()
         close(d_norm_sh, d_norm_ref, f"step {step}: ||d||")
         local_norm = torch.stack([d.norm() for d in vasso_sh.d]).norm()
         if rank == 0:  # what a per-shard norm would give: must be far from the global one
@@ -148,7 +148,7 @@ def main() -> None:
     assert reloaded.step == vasso_sh.step == STEPS
     for a, b in zip(reloaded.d, vasso_sh.d):
         assert torch.equal(a, b), "reloaded d differs"
-    close(reloaded._d_sq, vasso_sh._d_sq, "reloaded ||d||^2 (all-reduced)", atol=0.0)
+    close(reloaded.d_sq, vasso_sh.d_sq, "reloaded ||d||^2 (all-reduced)", atol=0.0)
 
     if rank == 0:
         with open(os.path.join(out_dir, "fsdp2_ok.json"), "w") as f:

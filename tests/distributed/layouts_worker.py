@@ -114,7 +114,7 @@ def lockstep(ref, run, x, y, rows, what: str) -> None:
     if ref is not None:
         for d_ref, d, p in zip(ref[1].d, update.d, params):
             close(full_like_param(d, p), d_ref, f"{what}: d")
-        close(update._d_sq, ref[1]._d_sq, f"{what}: ||d||²", atol=1e-5)
+        close(update.d_sq, ref[1].d_sq, f"{what}: ||d||²", atol=1e-5)
     before = local_copy(params)
     for _, u, _ in runs:
         u.perturb()
