@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .ops import casts_in_kernel, pieces
+
 
 class AdversaryGeometry(abc.ABC):
     """The contract of an adversary geometry (stateless; the engine builds one instance per name).
@@ -112,29 +114,6 @@ def resolve_adversary(adversary: Any = None, adaptive: Any = None, default: str 
 
 
 _INSTANCES: dict[str, AdversaryGeometry] = {}
-
-# The device types whose mixed-dtype elementwise kernels copy each low-precision operand to fp32 first (a CPU's
-# TensorIterator does; CUDA's and other accelerators' cast inside the kernel). A test empties it to run the
-# accelerators' branch on a CPU.
-COPYING_DEVICES = {"cpu"}
-
-
-def casts_in_kernel(t: torch.Tensor) -> bool:
-    """Whether a mixed-dtype op on `t`'s device casts its low-precision operands inside the kernel (no fp32 copies),
-    so that it moves low-precision weights within the memory bound; False on a CPU."""
-    return t.device.type not in COPYING_DEVICES
-
-
-def pieces(weights: list[torch.Tensor], d: list[torch.Tensor]):
-    """`(w, d)` pairs covering the tensors: whole, or, for low-precision weights whose mixed ops copy to fp32 (a CPU),
-    two flat halves of each contiguous tensor, so that a method holding two fp32 temporaries of a piece stays within
-    one tensor's fp32 bytes. The geometries are elementwise, so their work on the pieces is their work on the
-    tensors."""
-    for w, di in zip(weights, d):
-        if w.dtype == torch.float32 or casts_in_kernel(w) or not w.is_contiguous() or w.numel() < 2:
-            yield w, di
-        else:
-            yield from zip(w.view(-1).chunk(2), di.reshape(-1).chunk(2))
 
 
 def geometry(name: str) -> AdversaryGeometry:

@@ -34,10 +34,11 @@ from . import state as state_file
 from .adversary import AdversaryGeometry, geometry, resolve_adversary
 from .layout import Cohort, Layout
 from .metrics import MetricWindow
+from .ops import casts_in_kernel, ema_, sq_norm, words
 from .rules import check_hyperparameters, check_param_names, check_rho, check_seed, refuse_repeated_tensors
 from .sharding import ShardReduction, local
 
-__all__ = ["VassoUpdate", "adversary_coin", "fp32_norms", "group_keys"]
+__all__ = ["VassoUpdate", "adversary_coin", "group_keys"]
 
 
 def adversary_coin(seed: int, step: int, adversary_prob: float) -> bool:
@@ -256,7 +257,7 @@ class VassoUpdate:
         self._guard_pending = False
         inv = None if grad_scale is None else grad_scale.float().reciprocal()
         grads = [self.layout.gradients(b) for b in self.layout.buckets]
-        g_sq = self.layout.cohort_sums([_sq_norm(g, self.layout.device) for g in grads])
+        g_sq = self.layout.cohort_sums([sq_norm(g, self.layout.device) for g in grads])
         finite = torch.isfinite(g_sq.sum())
         previous = [(c.d_sq, c.initialized) for c in self.layout.cohorts]
         dots = self._dots_with_d(grads) if self._cosine() and self.theta == 1.0 else None
@@ -274,25 +275,25 @@ class VassoUpdate:
         place when the pass-1 gradient is discarded after this step, else through the saved-weights buffer, so that
         the base optimizer of a step without adversary still sees the gradient as it was."""
         nonfinite = ~finite
-        theta = self.theta
         for bucket, bucket_grads in zip(self.layout.buckets, grads):
             c = self.layout.cohorts[bucket.cohort]
-            keep = torch.where(finite & c.initialized, 1.0 - theta, 1.0)
-            take = torch.where(finite, torch.where(c.initialized, theta, 1.0), 0.0)
-            d_with = [d for d, g in zip(bucket.d, bucket_grads) if g is not None]
-            present = [g for g in bucket_grads if g is not None]
-            if present and not in_place:
-                staged = [s for s, g in zip(self.layout.saved(bucket), bucket_grads) if g is not None]
-                torch._foreach_copy_(staged, present)
-                present = staged
-            for g in present:  # writes nothing on a finite step
-                g.masked_fill_(nonfinite, 0)
-            if present and inv is None and bucket.dtype == torch.float32:
-                torch._foreach_lerp_(d_with, present, [take] * len(present))  # d + take·(g − d): 3 passes
-            elif present:  # mixed dtypes, or a loss scale to divide out: lerp cannot
-                torch._foreach_mul_(d_with, keep)
-                torch._foreach_addcmul_(d_with, present, [take if inv is None else take * inv] * len(present))
-            missing = [d for d, g in zip(bucket.d, bucket_grads) if g is None]
+            keep = torch.where(finite & c.initialized, 1.0 - self.theta, 1.0)
+            take = torch.where(finite, torch.where(c.initialized, self.theta, 1.0), 0.0)
+            take = take if inv is None else take * inv
+            d = [di for di, g in zip(bucket.d, bucket_grads) if g is not None]
+            g = [g for g in bucket_grads if g is not None]
+            if g and not in_place:
+                staged = [s for s, gi in zip(self.layout.saved(bucket), bucket_grads) if gi is not None]
+                torch._foreach_copy_(staged, g)
+                g = staged
+            for gi in g:  # writes nothing on a finite step
+                words(gi).masked_fill_(nonfinite, 0)
+            if bucket.dtype == torch.float32 or casts_in_kernel(bucket.d_flat):
+                ema_(d, g, keep, take, inv is None and bucket.dtype == torch.float32)
+            else:  # low precision on a CPU, where a mixed-dtype op is several times slower: fp32 copies, one at a time
+                for di, gi in zip(d, g):
+                    ema_([di], [gi.float()], keep, take, inv is None)
+            missing = [di for di, gi in zip(bucket.d, bucket_grads) if gi is None]
             if missing:  # no gradient this step: g = 0, so d <- keep·d (also what lerp gives)
                 torch._foreach_mul_(missing, keep)
         for c in self.layout.cohorts:
@@ -423,12 +424,12 @@ class VassoUpdate:
             return
         self._guard_pending = False
         grads = [[g for g in self.layout.gradients(b) if g is not None] for b in self.layout.buckets]
-        sq = torch.stack([_sq_norm(g, self.layout.device) for g in grads]).sum()
+        sq = torch.stack([sq_norm(g, self.layout.device) for g in grads]).sum()
         finite = torch.isfinite(self._reduction.sum_everywhere(sq))
         if grad_scale is None:
             nonfinite = ~finite
             for g in (g for bucket in grads for g in bucket):
-                g.masked_fill_(nonfinite, 0)
+                words(g).masked_fill_(nonfinite, 0)
         self._window.add(guarded=1.0, perturbed_nonfinite=(~finite).float())
 
     def record_losses(self, clean_loss: torch.Tensor | None, perturbed_loss: torch.Tensor | None) -> None:
@@ -550,30 +551,6 @@ class VassoUpdate:
         if self._names_of is None and self.param_names is None:
             return None
         return [self.name(i) for i in range(len(self.params))]
-
-
-def fp32_norms(tensors: list[torch.Tensor], device_type: str | None = None) -> list[torch.Tensor]:
-    """The 2-norm of each tensor as an fp32 0-d tensor, accumulated in fp32 whatever the dtype.
-
-    Reductions over bf16 accumulate in fp32 on every device. On an accelerator the fp32 result is asked for directly
-    (one multi-tensor kernel). On a CPU that cast path is about 20x slower than the norm itself, so there the norm of
-    a bf16 tensor is returned in bf16 (3 significant digits; bf16 overflows where fp32 does, so finiteness is
-    unchanged) and widened; fp16 (whose range a loss-scaled norm exceeds) takes the fp32 result. `device_type`
-    forces a branch (the tests run the accelerator branch on a CPU).
-    """
-    dtypes = {t.dtype for t in tensors}
-    on_cpu = (device_type or tensors[0].device.type) == "cpu"
-    if on_cpu and torch.bfloat16 in dtypes and dtypes <= {torch.bfloat16, torch.float32}:
-        return list(torch.stack(torch._foreach_norm(tensors, 2)).float().unbind())  # one cast, not one per tensor
-    return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-
-
-def _sq_norm(tensors: list, device: torch.device) -> torch.Tensor:
-    """Σ‖t‖² over the present tensors of one bucket (fp32 0-d), 0 without any."""
-    present = [t for t in tensors if t is not None]
-    if not present:
-        return torch.zeros((), device=device)
-    return torch.stack(fp32_norms(present)).square().sum()
 
 
 def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
