@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -69,22 +70,125 @@ def run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> subproce
     return subprocess.run(cmd, cwd=ROOT, env=env or OFFLINE_ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def spy_on_training(monkeypatch, trainer_class) -> dict:
+    """Record the trainer a recipe builds and its trainable weights before `train()` (the state dict of the adapter
+    under PEFT), so a test can compare what the recipe saved with what it trained."""
+    seen = {}
+    train = trainer_class.train
+
+    def spied_train(self, *args, **kwargs):
+        seen["trainer"], seen["before"] = self, trainable_weights(self.model)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "train", spied_train)
+    return seen
+
+
+def trainable_weights(model) -> dict:
+    from peft import PeftModel, get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model) if isinstance(model, PeftModel) else model.state_dict()
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def assert_saved_is_trained(loaded, seen: dict) -> None:
+    """The model loaded from output_dir holds the trained weights, which differ from those training started from."""
+    saved, trained = trainable_weights(loaded), trainable_weights(seen["trainer"].model)
+    assert saved.keys() == trained.keys() and saved
+    assert all(torch_equal(saved[k], trained[k]) for k in saved), "the saved weights are not the trained ones"
+    assert any(not torch_equal(seen["before"][k], trained[k]) for k in trained), "training changed nothing"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.cpu(), b.cpu())
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
+VASSO_FLAGS = ["--rho", "--theta", "--adversary_prob", "--sync_adversary", "--adaptive"]
+
+
 @pytest.mark.parametrize(
-    "script, flags",
+    "script, own_flags",
     [
-        ("vit_image_classification.py", ["--label_noise", "--image_column", "--model_name_or_path", "--rho"]),
-        ("lm_instruction_tuning.py", ["--response_column", "--cache_dir", "--lora_r", "--adversary_prob"]),
-        ("compare.py", ["--recipe", "--seeds", "--quick"]),
+        ("vit_image_classification.py", ["--dataset_name", "--label_noise", "--image_column", "--model_name_or_path"]),
+        ("lm_instruction_tuning.py", ["--dataset_name", "--response_column", "--cache_dir", "--lora_r"]),
+        ("sft_trl.py", ["--dataset_name", "--model_name_or_path", "--use_peft", "--lora_r"]),
     ],
 )
-def test_help(script, flags):
+def test_help_lists_the_vasso_flags_first_then_the_recipes_then_the_trainers(script, own_flags):
+    """`--help` opens with a short usage naming the VASSO flags, then the VASSO group, the recipe's own flags, and
+    only then the ~150 Trainer flags (HfArgumentParser alone printed a 140-line usage and VASSO's flags last)."""
+    if script == "sft_trl.py":
+        pytest.importorskip("trl")
     result = run([sys.executable, os.path.join("recipes", script), "--help"], timeout=90)
     assert result.returncode == 0, result.stderr
-    for flag in flags:
-        assert flag in result.stdout
+    lines = result.stdout.splitlines()
+    usage = lines[: lines.index("options:")]
+    assert len([line for line in usage if line.strip()]) <= 2 and all(f in usage[0] for f in VASSO_FLAGS), usage
+
+    def where(flag: str) -> int:
+        return next(i for i, line in enumerate(lines) if re.match(rf"  {flag}\b", line))
+
+    vasso, own = [where(f) for f in VASSO_FLAGS], [where(f) for f in own_flags]
+    trainer = [where(f) for f in ("--output_dir", "--learning_rate", "--num_train_epochs", "--seed")]
+    assert lines.index("VASSO:") < min(vasso) and max(vasso) < lines.index("this recipe:") < min(own)
+    assert max(own) < min(trainer), "a Trainer flag is listed before the recipe's own"
+
+
+
+def _missing(monkeypatch, module: str) -> None:
+    """`module` as if it were not installed: `import module` raises ModuleNotFoundError (name == module)."""
+    monkeypatch.setitem(sys.modules, module, None)
+
+
+def _assert_names_the_extra(exit_info, module: str, extra: str) -> None:
+    message = str(exit_info.value.code)
+    assert "\n" not in message, "more than one line"
+    assert f"the module `{module}`" in message and "not installed" in message
+    assert f'pip install -e ".[{extra}]"' in message
+
+
+@pytest.mark.data
+def test_digits_fallback_without_scikit_learn_names_the_recipes_extra(vit, tmp_path, force_digits, monkeypatch):
+    _missing(monkeypatch, "sklearn")
+    with pytest.raises(SystemExit) as e:
+        vit.main(TINY_VIT + ["--output_dir", str(tmp_path)])
+    _assert_names_the_extra(e, "sklearn", "recipes")
+    assert "digits fallback" in str(e.value.code)
+
+
+
+def test_embedded_smollm2_without_gguf_names_the_recipes_extra(tmp_path, monkeypatch):
+    _missing(monkeypatch, "gguf")
+    with pytest.raises(SystemExit) as e:
+        embedded_data.embedded_smollm2(str(tmp_path))  # an empty cache: the GGUF file must be read
+    _assert_names_the_extra(e, "gguf", "recipes")
+    assert not os.listdir(tmp_path)
+
+
+def test_sft_trl_without_trl_names_the_trl_extra(tmp_path, monkeypatch):
+    import sft_trl  # importable without TRL: TRL is imported in main(), after the check
+
+    _missing(monkeypatch, "trl")
+    with pytest.raises(SystemExit) as e:
+        sft_trl.main(["--output_dir", str(tmp_path)])
+    _assert_names_the_extra(e, "trl", "trl")
+
+
+def test_a_module_missing_inside_an_optional_package_keeps_its_own_error(monkeypatch):
+    """A broken install (the package is there, one of its own imports is not) is not blamed on the extra."""
+    import importlib
+
+    def import_module(name):
+        raise ModuleNotFoundError("No module named 'yaml'", name="yaml")
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    with pytest.raises(ModuleNotFoundError, match="yaml"):
+        embedded_data.require("gguf", "Reading a GGUF file")
 
 
 def test_accuracy_metric_loads_offline_by_path():
@@ -127,6 +231,78 @@ def test_vit_adamw_setting_is_one_pass(vit, tmp_path):
     assert len(train_logs) == 2
     assert all(log["vasso/adversary_fraction"] == 0.0 for log in train_logs)
     assert not any("vasso/perturbed_loss" in log for log in train_logs)
+
+
+@pytest.mark.data
+def test_vit_saves_the_trained_model_and_warns_before_overwriting_it(vit, tmp_path, monkeypatch, caplog):
+    """Like transformers' example scripts, the model (and its image processor) ends in --output_dir, loadable with
+    `from_pretrained`; a second run into the same folder says, before it trains, that it will overwrite them."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    seen = spy_on_training(monkeypatch, vit.VassoTrainer)
+    with caplog.at_level("WARNING"):
+        vit.main(TINY_VIT + ["--output_dir", str(tmp_path)])
+    assert "holds the results of an earlier run" not in caplog.text  # the control: a fresh folder
+    assert_saved_is_trained(AutoModelForImageClassification.from_pretrained(tmp_path), seen)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert processor.to_dict() == seen["trainer"].processing_class.to_dict()
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        vit.main(TINY_VIT + ["--output_dir", str(tmp_path), "--seed", "7"])
+    assert f"{tmp_path / 'results.json'} holds the results of an earlier run: this run overwrites it" in caplog.text
+    assert_saved_is_trained(AutoModelForImageClassification.from_pretrained(tmp_path), seen)  # the second run's
+
+
+class _Stop(Exception):
+    """Raised by a patched step to end a recipe run early."""
+
+
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["forced_digits", "as_installed"])
+@pytest.mark.data
+def test_vit_says_which_images_it_uses_and_why_before_it_trains(vit, tmp_path, monkeypatch, caplog, forced):
+    if forced:
+        monkeypatch.setenv(embedded_data.FORCE_DIGITS_ENV, "1")
+    monkeypatch.setattr(vit.VassoTrainer, "train", _stop)
+    with caplog.at_level("INFO"), pytest.raises(_Stop):
+        vit.main(TINY_VIT + ["--output_dir", str(tmp_path)])
+    if forced:
+        assert "Images: scikit-learn's 8x8 digits, the fallback, because HF_VASSO_FORCE_DIGITS is set" in caplog.text
+        assert "Training on sklearn digits (96 train / 64 test images), small ViT (patch 4)" in caplog.text
+    elif embedded_data.fashion_mnist_available():
+        assert f"Images: Fashion-MNIST from {embedded_data.FASHION_MNIST_DIR}." in caplog.text
+        assert "Training on Fashion-MNIST (Debian dataset-fashion-mnist) (96 train / 64 test images)" in caplog.text
+    else:
+        assert "the fallback, because the Debian package dataset-fashion-mnist is not installed" in caplog.text
+        assert "apt-get install dataset-fashion-mnist" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "script, data_loader",
+    [
+        ("vit_image_classification", "load_embedded_images"),
+        ("lm_instruction_tuning", "load_eg_pairs"),
+        ("sft_trl", "load_eg_pairs"),
+    ],
+)
+def test_every_recipe_warns_before_it_loads_data_that_it_will_overwrite_results(
+    script, data_loader, tmp_path, monkeypatch, caplog
+):
+    if script == "sft_trl":
+        pytest.importorskip("trl")
+    recipe = __import__(script)
+    monkeypatch.setattr(embedded_data, data_loader, _stop)
+    for earlier in (False, True):
+        if earlier:
+            (tmp_path / "results.json").write_text("{}")
+        caplog.clear()
+        with caplog.at_level("WARNING"), pytest.raises(_Stop):
+            recipe.main(["--output_dir", str(tmp_path)])
+        assert ("holds the results of an earlier run" in caplog.text) == earlier, caplog.text
 
 
 @pytest.mark.data
@@ -311,9 +487,16 @@ def test_lm_labels_cover_the_answer_and_its_end_of_turn_only(lm):
 
 
 @needs_smollm2()
-def test_lm_trains_lora_and_reports_heldout_loss(lm, tiny_lm, tmp_path, capsys):
+def test_lm_trains_lora_and_reports_heldout_loss(lm, tiny_lm, tmp_path, capsys, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out = tmp_path / "lm"
+    seen = spy_on_training(monkeypatch, lm.VassoTrainer)
     results = lm.main(tiny_lm + ["--learning_rate", "5e-3", "--max_steps", "4", "--output_dir", str(out)])
+    base = tiny_lm[tiny_lm.index("--model_name_or_path") + 1]
+    assert_saved_is_trained(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out), seen)
+    assert AutoTokenizer.from_pretrained(out).chat_template == seen["trainer"].processing_class.chat_template
     assert results["global_steps"] == 4
     assert math.isfinite(results["heldout_loss_before"]) and math.isfinite(results["heldout_loss_after"])
     assert results["heldout_loss_after"] < results["heldout_loss_before"]
@@ -380,10 +563,17 @@ TINY_SFT = [
 
 
 @needs_smollm2()
-def test_sft_trl_trains_lora_and_reports_heldout_loss(sft, tiny_lm, tmp_path, capsys):
+def test_sft_trl_trains_lora_and_reports_heldout_loss(sft, tiny_lm, tmp_path, capsys, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_vasso.trl import VassoSFTTrainer
+
     folder = tiny_lm[tiny_lm.index("--model_name_or_path") + 1]
     out = tmp_path / "sft"
+    seen = spy_on_training(monkeypatch, VassoSFTTrainer)
     results = sft.main(TINY_SFT + ["--model_name_or_path", folder, "--output_dir", str(out)])
+    assert_saved_is_trained(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), out), seen)
     assert results["global_steps"] == 4
     assert results["heldout_loss_after"] < results["heldout_loss_before"]
     assert len(results["generations"]) == 3 and (out / "adapter_model.safetensors").is_file()
@@ -435,6 +625,9 @@ def test_sft_trl_under_accelerate_launch_two_processes(sft, tiny_lm, tmp_path):
     assert result.stdout.count("Held-out loss") == 1
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["num_processes"] == 2 and results["global_steps"] == 4
+
+
+
 
 
 @pytest.mark.slow
