@@ -14,8 +14,10 @@ import re
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import embedded_data
+import helpers
 import pytest
 from helpers import needs_smollm2, tiny_llama
 
@@ -139,6 +141,12 @@ def test_help_lists_the_vasso_flags_first_then_the_recipes_then_the_trainers(scr
     assert max(own) < min(trainer), "a Trainer flag is listed before the recipe's own"
 
 
+def test_compare_help():
+    result = run([sys.executable, os.path.join("recipes", "compare.py"), "--help"], timeout=90)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--recipe", "--seeds", "--quick", "default: [0, 1, 2]"):
+        assert flag in result.stdout
+
 
 def _missing(monkeypatch, module: str) -> None:
     """`module` as if it were not installed: `import module` raises ModuleNotFoundError (name == module)."""
@@ -160,6 +168,15 @@ def test_digits_fallback_without_scikit_learn_names_the_recipes_extra(vit, tmp_p
     _assert_names_the_extra(e, "sklearn", "recipes")
     assert "digits fallback" in str(e.value.code)
 
+
+def test_compare_without_matplotlib_names_the_recipes_extra_before_any_run(tmp_path, monkeypatch, capsys):
+    import compare
+
+    _missing(monkeypatch, "matplotlib")
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--quick", "--output_dir", str(tmp_path)])
+    _assert_names_the_extra(e, "matplotlib", "recipes")
+    assert "run 1 of" not in capsys.readouterr().out
 
 
 def test_embedded_smollm2_without_gguf_names_the_recipes_extra(tmp_path, monkeypatch):
@@ -627,15 +644,90 @@ def test_sft_trl_under_accelerate_launch_two_processes(sft, tiny_lm, tmp_path):
     assert results["num_processes"] == 2 and results["global_steps"] == 4
 
 
+class _FakeRecipe:
+    """A recipe whose runs return made-up results at once: test accuracy 0.5 + seed/10 + 0.01 * (method's index), a
+    training loss of 2 - step/10 + seed/10 at steps 1 and 2, and (with `evaluates`) an evaluation at step 2."""
 
+    methods = ["AdamW", "SAM", "VASSO", "eVASSO (p=0.3)"]
+    evaluates = True
+
+    @classmethod
+    def main(cls, argv):
+        seed = int(argv[argv.index("--seed") + 1])
+        method = next(i for i, m in enumerate(cls.methods) if f"/{m.split()[0]}/" in argv[-1] + "/")
+        accuracy = 0.5 + seed / 10 + 0.01 * method
+        logs = [{"step": s, "loss": 2 - s / 10 + seed / 10} for s in (1, 2)]
+        logs += [{"step": 2, "eval_accuracy": accuracy}] if cls.evaluates else []
+        return {"test_accuracy": accuracy, "data": "made up", "model": "none", "log_history": logs}
+
+
+@pytest.mark.parametrize("evaluates", [True, False], ids=["with_eval", "without_eval"])
+def test_compare_says_run_k_of_n_and_plots_the_spread_over_seeds(tmp_path, monkeypatch, capsys, evaluates):
+    """The plot shows the spread over seeds (bands around the curves, error bars on the final metric) under a title
+    that fits the figure, with and without an evaluation panel (--quick has none: its title was cut off)."""
+    import compare
+    import numpy as np
+
+    monkeypatch.setattr(_FakeRecipe, "evaluates", evaluates)
+
+    real_import = compare.importlib.import_module  # compare's import of the recipe gets the fake, others the real
+    monkeypatch.setattr(
+        compare.importlib,
+        "import_module",
+        lambda name: _FakeRecipe if name == "vit_image_classification" else real_import(name),
+    )
+    figures = []
+    monkeypatch.setattr(compare, "plot", lambda *a, plot=compare.plot: figures.append(plot(*a)))
+    compare.main(["--seeds", "0", "2", "--output_dir", str(tmp_path)])
+
+    printed = capsys.readouterr().out
+    expected = [
+        f"run {k} of 8: {m} seed {s} ->"
+        for k, (m, s) in enumerate([(m, s) for m in _FakeRecipe.methods for s in (0, 2)], 1)
+    ]
+    assert [
+        line.split("===== ", 1)[1].split(" ->")[0] + " ->" for line in printed.splitlines() if "=====" in line
+    ] == expected
+
+    (fig,) = figures
+    loss, *accuracy, final = fig.axes
+    assert len(accuracy) == evaluates
+    std = float(np.std([0.5, 0.7], ddof=1))  # two seeds, 0.2 apart
+    for i, container in enumerate(final.containers):  # one error bar per method: mean +- sample std
+        ((_, low), (_, high)) = container.lines[2][0].get_segments()[0]
+        assert (low, high) == pytest.approx((0.6 + 0.01 * i - std, 0.6 + 0.01 * i + std))
+    assert len(final.containers) == 4
+    for ax, half_width in [(loss, std)] + [(ax, std) for ax in accuracy]:  # a band of +- one std around each curve
+        bands = [c for c in ax.collections if len(c.get_paths())]
+        assert len(bands) == 4
+        ys = bands[0].get_paths()[0].vertices[:, 1]
+        assert ys.max() - ys.min() >= 2 * half_width - 1e-9
+    fig.canvas.draw()
+    title = fig._suptitle.get_window_extent()
+    assert 0 <= title.x0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height, "the title is cut off"
+    assert "over 2 seeds" in fig._suptitle.get_text()
+    helpers.assert_png(str(tmp_path / "curves.png"))
+
+
+def test_compare_default_seeds_are_the_documented_ones():
+    import compare
+
+    seeds = " ".join(map(str, compare.DEFAULT_SEEDS))
+    assert f"seeds {seeds}" in compare.__doc__
+    readme = (Path(ROOT) / "recipes" / "README.md").read_text()
+    assert (
+        f"python recipes/compare.py                              # the ViT recipe's defaults, seeds {seeds}" in readme
+    )
+    assert f"ViT defaults, seeds {seeds} × 4 methods" in readme
 
 
 @pytest.mark.slow
 @pytest.mark.data
-def test_compare_writes_table_csv_and_plot(tmp_path):
+def test_compare_writes_table_csv_and_plot(tmp_path, capsys):
     import compare
 
     compare.main(["--quick", "--seeds", "0", "--output_dir", str(tmp_path)])
+    assert "run 4 of 4: eVASSO (p=0.3) seed 0" in capsys.readouterr().out
 
     with open(tmp_path / "results.csv") as f:
         rows = {row["method"]: row for row in csv.DictReader(f)}
