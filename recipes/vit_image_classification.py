@@ -1,6 +1,6 @@
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["torch", "transformers>=5.14,<6", "datasets", "evaluate", "scikit-learn", "tqdm"]
+# dependencies = ["torch", "transformers>=5.23,<6", "datasets", "evaluate", "scikit-learn", "tqdm"]
 # # and hf_vasso, which is on no package index: `pip install -e .` in its checkout
 # ///
 # Copyright 2026 The hf_vasso authors. MIT licence.

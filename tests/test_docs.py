@@ -560,3 +560,35 @@ def test_sdist_manifest_ships_what_the_tests_import():
     for folder in PYPROJECT["tool"]["pytest"]["ini_options"]["pythonpath"]:
         assert folder in manifest, f"MANIFEST.in does not ship {folder}/, which the tests import from"
     assert ast.parse((ROOT / "tests" / "helpers.py").read_text())  # the file the test modules import
+
+
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def script_header_requirements(path: Path) -> list[str]:
+    """The `dependencies` of a file's PEP 723 `# /// script` block."""
+    match = re.search(r"^# /// script\n((?:#.*\n)*?)# ///$", path.read_text(), flags=re.M)
+    assert match, f"{path} has no `# /// script` header"
+    toml = "\n".join(line[2:] for line in match.group(1).splitlines())
+    return tomllib.loads(toml)["dependencies"]
+
+
+RECIPE_SCRIPTS = sorted(p for p in (ROOT / "recipes").glob("*.py") if "# /// script" in p.read_text())
+
+
+@pytest.mark.parametrize("path", RECIPE_SCRIPTS, ids=[p.name for p in RECIPE_SCRIPTS])
+def test_recipe_script_headers_name_what_the_project_installs(path):
+    """Each name a recipe's header lists is one pyproject.toml or .ci/run installs from the package index, with the
+    same bounds or pin where the header gives some; hf_vasso itself, on no index, is not among them."""
+    project = PYPROJECT["project"]
+    declared = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    declared = {requirement_name(r): r for r in declared}
+    pinned = {requirement_name(r): r for c in ci_commands() if "install" in c for r in pip_requirements(c[4:])}
+    for requirement in script_header_requirements(path):
+        name = requirement_name(requirement)
+        assert name != requirement_name(project["name"]), f"{path.name}: {name} is on no package index"
+        assert name in declared or name in pinned, f"{path.name}: {requirement} is installed by nothing here"
+        if requirement != name:  # bounds or a pin: the ones pyproject.toml or .ci/run give
+            assert requirement in (declared.get(name), pinned.get(name)), f"{path.name}: {requirement} differs"
+    assert RECIPE_SCRIPTS
