@@ -271,6 +271,27 @@ def test_vit_saves_the_trained_model_and_warns_before_overwriting_it(vit, tmp_pa
     assert_saved_is_trained(AutoModelForImageClassification.from_pretrained(tmp_path), seen)  # the second run's
 
 
+@pytest.mark.data
+def test_vit_vasso_metrics_reach_what_report_to_names(vit, tmp_path, monkeypatch):
+    """`--report_to tensorboard` builds transformers' callback for it, which gets every logged row through `on_log`:
+    the TensorBoard callback is swapped for a recorder (tensorboard need not be installed), reached the same way."""
+    from transformers import TrainerCallback
+    from transformers.integrations import integration_utils
+
+    rows = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            rows.append(dict(logs))
+
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "tensorboard", Recorder)
+    vit.main(TINY_VIT + ["--report_to", "tensorboard", "--output_dir", str(tmp_path)])
+    train_rows = [row for row in rows if "loss" in row]
+    assert len(train_rows) == 2
+    for key in ("vasso/sharpness", "vasso/d_norm", "vasso/perturbed_loss", "vasso/adversary_fraction"):
+        assert all(key in row for row in train_rows), key
+
+
 class _Stop(Exception):
     """Raised by a patched step to end a recipe run early."""
 
