@@ -305,18 +305,25 @@ def _stop(*args, **kwargs):
 def test_vit_says_which_images_it_uses_and_why_before_it_trains(vit, tmp_path, monkeypatch, caplog, forced):
     if forced:
         monkeypatch.setenv(embedded_data.FORCE_DIGITS_ENV, "1")
+    missing = embedded_data.fashion_mnist_missing()
     monkeypatch.setattr(vit.VassoTrainer, "train", _stop)
     with caplog.at_level("INFO"), pytest.raises(_Stop):
         vit.main(TINY_VIT + ["--output_dir", str(tmp_path)])
-    if forced:
-        assert "Images: scikit-learn's 8x8 digits, the fallback, because HF_VASSO_FORCE_DIGITS is set" in caplog.text
-        assert "Training on sklearn digits (96 train / 64 test images), small ViT (patch 4)" in caplog.text
-    elif embedded_data.fashion_mnist_available():
+    if missing is None:
         assert f"Images: Fashion-MNIST from {embedded_data.FASHION_MNIST_DIR}." in caplog.text
         assert "Training on Fashion-MNIST (Debian dataset-fashion-mnist) (96 train / 64 test images)" in caplog.text
     else:
-        assert "the fallback, because the Debian package dataset-fashion-mnist is not installed" in caplog.text
-        assert "apt-get install dataset-fashion-mnist" in caplog.text
+        assert f"Images: scikit-learn's 8x8 digits, the fallback, because {missing} (`apt-get install" in caplog.text
+        assert "Training on sklearn digits (96 train / 64 test images), small ViT (patch 4)" in caplog.text
+    if forced:
+        assert missing == "HF_VASSO_FORCE_DIGITS is set"
+
+
+def test_the_fallback_reason_names_the_missing_package(tmp_path, monkeypatch):
+    monkeypatch.delenv(embedded_data.FORCE_DIGITS_ENV, raising=False)
+    assert embedded_data.fashion_mnist_missing(str(tmp_path)) == (
+        f"the Debian package dataset-fashion-mnist is not installed (no IDX files in {tmp_path})"
+    )
 
 
 @pytest.mark.parametrize(
