@@ -10,10 +10,11 @@ all four, with the same learning rate, schedule, data order and seeds):
     eVASSO   --theta 0.4 --adversary_prob 0.3
 
 Outputs in `--output_dir`: `results.md` and `results.csv` (mean +- std over seeds of the recipe's metric, wall time,
-passes per step), `curves.png` (training loss per step and, for the ViT recipe, test accuracy per epoch), and each
-run's folder with its `results.json`.
+passes per step), `curves.png` (the spread over seeds of each method: bands of +- one standard deviation around the
+training loss per step and, for the ViT recipe, the test accuracy per epoch; error bars and each seed's value for the
+final metric), and each run's folder with its `results.json`. Before each run it prints `run k of n: <method> seed s`.
 
-    python recipes/compare.py                                   # the ViT recipe's defaults, 3 seeds
+    python recipes/compare.py                                   # the ViT recipe's defaults, seeds 0 1 2
     python recipes/compare.py -- --label_noise 0.4              # anything after -- goes to the recipe
     python recipes/compare.py --recipe lm --seeds 0 1           # LoRA on the eg pairs (held-out loss)
     python recipes/compare.py --quick                           # a smoke test of the pipeline (ViT: seconds)
@@ -31,6 +32,9 @@ import os
 import sys
 import time
 
+import embedded_data  # next to this file: the recipes' shared plumbing
+
+DEFAULT_SEEDS = [0, 1, 2]
 METHODS = {
     "AdamW": ["--rho", "0", "--adversary_prob", "0"],
     "SAM": ["--theta", "1"],
@@ -81,7 +85,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def plot(runs: dict[str, list[dict]], path: str, metric_name: str) -> None:
+def plot(runs: dict[str, list[dict]], path: str, key: str, metric_name: str, recipe: str):
+    """Draw the spread over seeds: a band of +- one std around each method's mean curve (training loss per step, test
+    accuracy per epoch where the recipe evaluates), and the final metric as mean +- std error bars over the dots of
+    the single seeds. Returns the figure (closed) so a test can read what was drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,30 +96,41 @@ def plot(runs: dict[str, list[dict]], path: str, metric_name: str) -> None:
     import numpy as np
 
     has_eval = any("eval_accuracy" in log for rs in runs.values() for r in rs for log in r["log_history"])
-    fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(11 if has_eval else 6, 4), squeeze=False)
-    for method, results in runs.items():
-        for ax, key in zip(axes[0], ["loss", "eval_accuracy"]):
-            curves = [[(log["step"], log[key]) for log in r["log_history"] if key in log] for r in results]
-            curves = [c for c in curves if c]
-            if not curves:
+    curves = [("loss", "training loss (clean weights)", "Training loss")]
+    curves += [("eval_accuracy", "test accuracy", "Test accuracy per epoch")] if has_eval else []
+    fig, axes = plt.subplots(1, len(curves) + 1, figsize=(5 * (len(curves) + 1), 4.5), layout="constrained")
+    for i, (method, results) in enumerate(runs.items()):
+        color = f"C{i}"
+        for ax, (log_key, _, _) in zip(axes, curves):
+            series = [[(log["step"], log[log_key]) for log in r["log_history"] if log_key in log] for r in results]
+            series = [c for c in series if c]
+            if not series:
                 continue
-            length = min(len(c) for c in curves)
-            steps = np.array([s for s, _ in curves[0][:length]])
-            values = np.array([[v for _, v in c[:length]] for c in curves])
-            mean, std = values.mean(0), values.std(0)
-            (line,) = ax.plot(steps, mean, marker="o" if length < 20 else None, label=method)
-            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    axes[0][0].set(xlabel="optimizer step", ylabel="training loss (clean weights)", title="Training loss")
-    if has_eval:
-        axes[0][1].set(xlabel="optimizer step", ylabel="test accuracy", title="Test accuracy (per epoch)")
-    for ax in axes[0]:
+            length = min(len(c) for c in series)
+            steps = np.array([s for s, _ in series[0][:length]])
+            values = np.array([[v for _, v in c[:length]] for c in series])
+            mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(length)
+            ax.plot(steps, mean, color=color, marker="o" if length < 20 else None, label=method)
+            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        finals = [r[key] for r in results]
+        mean, std = mean_std(finals)
+        axes[-1].errorbar([i], [mean], yerr=[std], fmt="o", color=color, capsize=6, markersize=8, label=method)
+        axes[-1].scatter([i] * len(finals), finals, color=color, marker="x", alpha=0.6, zorder=3)
+    for ax, (_, ylabel, title) in zip(axes, curves):
+        ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+        ax.legend(fontsize="small")
+    axes[-1].set(ylabel=metric_name, title=f"Final {metric_name}")
+    axes[-1].set_xticks(range(len(runs)), [m.split()[0] for m in runs])
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
     n_seeds = len(next(iter(runs.values())))
-    fig.suptitle(f"AdamW vs SAM vs VASSO vs eVASSO: mean ± std over {n_seeds} seed(s); final {metric_name} in table")
-    fig.tight_layout()
+    fig.suptitle(
+        f"{recipe} recipe, AdamW vs SAM vs VASSO vs eVASSO\nmean ± std over {n_seeds} seeds "
+        "(bands, error bars; x: single seeds)"
+    )
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -123,11 +141,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         argv, recipe_args = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="vit", help="Which recipe to compare on.")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds, the same for every method.")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=DEFAULT_SEEDS,
+        help="Seeds, the same for every method (default: %(default)s).",
+    )
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="Settings to run.")
     parser.add_argument("--output_dir", default=None, help="Where to write (default: compare-<recipe>).")
     parser.add_argument("--quick", action="store_true", help="Tiny model, 2 steps, 2 seeds: checks the pipeline.")
     args = parser.parse_args(argv)
+    embedded_data.require("matplotlib", "compare.py's plot")  # now, not after the last run
     if args.quick and args.seeds == parser.get_default("seeds"):
         args.seeds = [0, 1]
     output_dir = args.output_dir or f"compare-{args.recipe}"
@@ -136,14 +161,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base_args = (quick_args if args.quick else default_args) + recipe_args
 
     runs: dict[str, list[dict]] = {}
-    for method in args.methods:
-        for seed in args.seeds:
-            run_dir = os.path.join(output_dir, method.split()[0], f"seed{seed}")
-            print(f"\n===== {method}, seed {seed} -> {run_dir}", flush=True)
-            start = time.time()
-            results = recipe.main(base_args + METHODS[method] + ["--seed", str(seed), "--output_dir", run_dir])
-            results["wall_seconds"] = time.time() - start
-            runs.setdefault(method, []).append(results)
+    todo = [(method, seed) for method in args.methods for seed in args.seeds]
+    for k, (method, seed) in enumerate(todo, 1):
+        run_dir = os.path.join(output_dir, method.split()[0], f"seed{seed}")
+        print(f"\n===== run {k} of {len(todo)}: {method} seed {seed} -> {run_dir}", flush=True)
+        start = time.time()
+        results = recipe.main(base_args + METHODS[method] + ["--seed", str(seed), "--output_dir", run_dir])
+        results["wall_seconds"] = time.time() - start
+        runs.setdefault(method, []).append(results)
 
     rows = []
     for method, results in runs.items():
@@ -182,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lines += ["", "Mean ± sample std over seeds. Wall time includes data loading and evaluation.", ""]
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines))
-    plot(runs, os.path.join(output_dir, "curves.png"), metric_name)
+    plot(runs, os.path.join(output_dir, "curves.png"), key, metric_name, args.recipe)
     print("\n".join(lines))
     print(f"Wrote {output_dir}/results.md, results.csv and curves.png")
     return rows

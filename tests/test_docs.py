@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, make_data, make_dataset, vasso_step, weights
+from helpers import REPO, bash_blocks, make_data, make_dataset, readme_section, vasso_step, weights
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import Trainer, TrainingArguments
@@ -328,8 +328,21 @@ def ci_commands() -> list[list[str]]:
     return [["python" if w == "python3" else w for w in c] for c in commands("\n".join(lines))]
 
 
+PIP_OPTIONS_WITH_VALUES = {"--index-url", "-i", "--extra-index-url"}
+
+
 def pip_requirements(args: list[str]) -> list[str]:
-    return [a for a in args if not a.startswith("-")]
+    """The requirements of a `pip install` (or `apt-get install`) command: its words less the options and their
+    values."""
+    found, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in PIP_OPTIONS_WITH_VALUES:
+            skip = True
+        elif not arg.startswith("-"):
+            found.append(arg)
+    return found
 
 
 IMPORT_MODULE = importlib.import_module  # compare.py's import, patched below per test
@@ -343,6 +356,8 @@ def check_recipe_flags(script: str, argv: list[str], monkeypatch) -> str:
     assert (ROOT / script).is_file(), f"{script} does not exist"
     assert script.startswith("recipes/") and script.endswith(".py"), f"not a recipe: {script}"
     module = IMPORT_MODULE(Path(script).stem)
+    with contextlib.suppress(ImportError):  # sft_trl.py imports TRL's parser inside main(): its class must exist now
+        import trl.scripts.utils  # noqa: F401
     # transformers' HfArgumentParser and TRL's own copy of it (TrlParser's base): every parser class that builds the
     # dataclasses, so the config's own checks (`VassoConfig.__post_init__`) run on the flags too.
     for parser_class in _subclasses(argparse.ArgumentParser):
@@ -372,9 +387,12 @@ def _subclasses(cls: type) -> list[type]:
     return [cls] + [s for sub in cls.__subclasses__() for s in _subclasses(sub)]
 
 
+ENV_ASSIGNMENT = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
+
+
 def check_command(words: list[str], monkeypatch) -> str:
     program, args = words[0], words[1:]
-    if program == "sudo":
+    if program == "sudo" or ENV_ASSIGNMENT.fullmatch(program):  # `OMP_NUM_THREADS=1 python ...`
         return check_command(args, monkeypatch)
     if program == "pip" and args[0] == "install":
         for req in pip_requirements(args[1:]):
@@ -418,8 +436,10 @@ def check_compare(argv: list[str], monkeypatch) -> str:
     """`compare.py`'s own flags, then the recipe flags it passes on (its first run stops after parsing them)."""
     import compare
 
-    def recipe_that_only_parses(name):
-        return _ParsingRecipe(IMPORT_MODULE(name), monkeypatch)
+    recipes = {file[:-3] for file, *_ in compare.RECIPES.values()}
+
+    def recipe_that_only_parses(name):  # compare.py's import of a recipe; any other import as it is
+        return _ParsingRecipe(IMPORT_MODULE(name), monkeypatch) if name in recipes else IMPORT_MODULE(name)
 
     monkeypatch.setattr(compare.importlib, "import_module", recipe_that_only_parses)
     try:
@@ -456,11 +476,17 @@ def test_bash_block_commands_hold(block, monkeypatch, tmp_path):
 
 
 def test_readme_test_section_is_what_ci_installs_and_runs():
-    """The README gives CI's installs and test command; what CI adds beyond them is stated in the text."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Running the tests", 1)[1].split("\n## ", 1)[0]
+    """The README gives CI's installs and test command (its torch line is Install's, less the CPU index CI cannot
+    reach: CI's machines take the same pinned CPU wheel from their own package sources); what CI adds beyond them is
+    stated in the text."""
+    section = readme_section("Running the tests")
+    install = commands(code_blocks_of(readme_section("Install")))
+    (torch_line,) = [c for c in install if any(w.startswith("torch==") for w in c)]  # one line installs torch
+    cut = torch_line.index("--index-url")
+    assert torch_line[cut + 1] == "https://download.pytorch.org/whl/cpu"
+    torch_line = torch_line[:cut] + torch_line[cut + 2 :]
     block = code_blocks_of(section)
-    doc = [["python" if w == "python3" else w for w in c] for c in commands(block)]
+    doc = [torch_line] + [["python" if w == "python3" else w for w in c] for c in commands(block)]
     doc = [[w for w in c if w != "-q" or c[:3] == ["python", "-m", "pytest"]] for c in doc]
     ci = [c for c in ci_commands() if "install" in c or "pytest" in c]
     ci_norm = []
@@ -478,8 +504,8 @@ def test_readme_test_section_is_what_ci_installs_and_runs():
 
 
 def code_blocks_of(markdown: str) -> str:
-    blocks = re.findall(r"^```bash\n(.*?)^```$", markdown, flags=re.S | re.M)
-    assert len(blocks) == 1, "the test section has one bash block"
+    blocks = bash_blocks(markdown)
+    assert len(blocks) == 1, "the section has one bash block"
     return blocks[0]
 
 
@@ -559,3 +585,59 @@ def test_sdist_manifest_ships_what_the_tests_import():
     for folder in PYPROJECT["tool"]["pytest"]["ini_options"]["pythonpath"]:
         assert folder in manifest, f"MANIFEST.in does not ship {folder}/, which the tests import from"
     assert ast.parse((ROOT / "tests" / "helpers.py").read_text())  # the file the test modules import
+
+
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_readme_states_the_supported_transformers_range():
+    """pyproject.toml bounds transformers from below and above, and the README's Install section says the same range
+    and the version the suite was run with."""
+    (transformers,) = [r for r in PYPROJECT["project"]["dependencies"] if requirement_name(r) == "transformers"]
+    assert ">=" in transformers and "<" in transformers.replace("<=", ""), transformers
+    import transformers as installed
+
+    install = readme_section("Install")
+    tested = ".".join(installed.__version__.split(".")[:2])
+    assert f"`{transformers}` (tested with {tested})" in install
+
+
+def test_readme_quick_subset_selects_by_markers_the_suite_declares():
+    """The quick subset the README gives is a marker expression over markers pyproject.toml declares."""
+    (expression,) = re.findall(r'`python -m pytest -q -m "([^"]+)"`', readme_section("Running the tests"))
+    declared = {m.split(":")[0] for m in PYPROJECT["tool"]["pytest"]["ini_options"]["markers"]}
+    names = set(re.findall(r"\w+", expression)) - {"not", "and", "or"}
+    assert names and names <= declared, f"{expression!r} names markers the suite does not declare"
+
+
+def test_readme_is_at_most_2500_words():
+    assert len((ROOT / "README.md").read_text().split()) <= 2500, "the README has grown past 2,500 words (wc -w)"
+
+
+def script_header_requirements(path: Path) -> list[str]:
+    """The `dependencies` of a file's PEP 723 `# /// script` block."""
+    match = re.search(r"^# /// script\n((?:#.*\n)*?)# ///$", path.read_text(), flags=re.M)
+    assert match, f"{path} has no `# /// script` header"
+    toml = "\n".join(line[2:] for line in match.group(1).splitlines())
+    return tomllib.loads(toml)["dependencies"]
+
+
+RECIPE_SCRIPTS = sorted(p for p in (ROOT / "recipes").glob("*.py") if "# /// script" in p.read_text())
+
+
+@pytest.mark.parametrize("path", RECIPE_SCRIPTS, ids=[p.name for p in RECIPE_SCRIPTS])
+def test_recipe_script_headers_name_what_the_project_installs(path):
+    """Each name a recipe's header lists is one pyproject.toml or .ci/run installs from the package index, with the
+    same bounds or pin where the header gives some; hf_vasso itself, on no index, is not among them."""
+    project = PYPROJECT["project"]
+    declared = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    declared = {requirement_name(r): r for r in declared}
+    pinned = {requirement_name(r): r for c in ci_commands() if "install" in c for r in pip_requirements(c[4:])}
+    for requirement in script_header_requirements(path):
+        name = requirement_name(requirement)
+        assert name != requirement_name(project["name"]), f"{path.name}: {name} is on no package index"
+        assert name in declared or name in pinned, f"{path.name}: {requirement} is installed by nothing here"
+        if requirement != name:  # bounds or a pin: the ones pyproject.toml or .ci/run give
+            assert requirement in (declared.get(name), pinned.get(name)), f"{path.name}: {requirement} differs"
+    assert RECIPE_SCRIPTS

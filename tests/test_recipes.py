@@ -10,11 +10,14 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import embedded_data
+import helpers
 import pytest
 from helpers import needs_smollm2, tiny_llama
 
@@ -69,22 +72,140 @@ def run(cmd: list[str], timeout: int = 120, env: dict | None = None) -> subproce
     return subprocess.run(cmd, cwd=ROOT, env=env or OFFLINE_ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def spy_on_training(monkeypatch, trainer_class) -> dict:
+    """Record the trainer a recipe builds and its trainable weights before `train()` (the state dict of the adapter
+    under PEFT), so a test can compare what the recipe saved with what it trained."""
+    seen = {}
+    train = trainer_class.train
+
+    def spied_train(self, *args, **kwargs):
+        seen["trainer"], seen["before"] = self, trainable_weights(self.model)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "train", spied_train)
+    return seen
+
+
+def trainable_weights(model) -> dict:
+    from peft import PeftModel, get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model) if isinstance(model, PeftModel) else model.state_dict()
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def assert_saved_is_trained(loaded, seen: dict) -> None:
+    """The model loaded from output_dir holds the trained weights, which differ from those training started from."""
+    saved, trained = trainable_weights(loaded), trainable_weights(seen["trainer"].model)
+    assert saved.keys() == trained.keys() and saved
+    assert all(torch_equal(saved[k], trained[k]) for k in saved), "the saved weights are not the trained ones"
+    assert any(not torch_equal(seen["before"][k], trained[k]) for k in trained), "training changed nothing"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.cpu(), b.cpu())
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
+VASSO_FLAGS = ["--rho", "--theta", "--adversary_prob", "--sync_adversary", "--adaptive"]
+
+
 @pytest.mark.parametrize(
-    "script, flags",
+    "script, own_flags",
     [
-        ("vit_image_classification.py", ["--label_noise", "--image_column", "--model_name_or_path", "--rho"]),
-        ("lm_instruction_tuning.py", ["--response_column", "--cache_dir", "--lora_r", "--adversary_prob"]),
-        ("compare.py", ["--recipe", "--seeds", "--quick"]),
+        ("vit_image_classification.py", ["--dataset_name", "--label_noise", "--image_column", "--model_name_or_path"]),
+        ("lm_instruction_tuning.py", ["--dataset_name", "--response_column", "--cache_dir", "--lora_r"]),
+        ("sft_trl.py", ["--dataset_name", "--model_name_or_path", "--use_peft", "--lora_r"]),
     ],
 )
-def test_help(script, flags):
+def test_help_lists_the_vasso_flags_first_then_the_recipes_then_the_trainers(script, own_flags):
+    """`--help` opens with a short usage naming the VASSO flags, then the VASSO group, the recipe's own flags, and
+    only then the ~150 Trainer flags (HfArgumentParser alone printed a 140-line usage and VASSO's flags last)."""
+    if script == "sft_trl.py":
+        pytest.importorskip("trl")
     result = run([sys.executable, os.path.join("recipes", script), "--help"], timeout=90)
     assert result.returncode == 0, result.stderr
-    for flag in flags:
+    lines = result.stdout.splitlines()
+    usage = lines[: lines.index("options:")]
+    assert len([line for line in usage if line.strip()]) <= 2 and all(f in usage[0] for f in VASSO_FLAGS), usage
+
+    def where(flag: str) -> int:
+        return next(i for i, line in enumerate(lines) if re.match(rf"  {flag}\b", line))
+
+    vasso, own = [where(f) for f in VASSO_FLAGS], [where(f) for f in own_flags]
+    trainer = [where(f) for f in ("--output_dir", "--learning_rate", "--num_train_epochs", "--seed")]
+    assert lines.index("VASSO:") < min(vasso) and max(vasso) < lines.index("this recipe:") < min(own)
+    assert max(own) < min(trainer), "a Trainer flag is listed before the recipe's own"
+
+
+def test_compare_help():
+    result = run([sys.executable, os.path.join("recipes", "compare.py"), "--help"], timeout=90)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--recipe", "--seeds", "--quick", "default: [0, 1, 2]"):
         assert flag in result.stdout
+
+
+def _missing(monkeypatch, module: str) -> None:
+    """`module` as if it were not installed: `import module` raises ModuleNotFoundError (name == module)."""
+    monkeypatch.setitem(sys.modules, module, None)
+
+
+def _assert_names_the_extra(exit_info, module: str, extra: str) -> None:
+    message = str(exit_info.value.code)
+    assert "\n" not in message, "more than one line"
+    assert f"the module `{module}`" in message and "not installed" in message
+    assert f'pip install -e ".[{extra}]"' in message
+
+
+@pytest.mark.data
+def test_digits_fallback_without_scikit_learn_names_the_recipes_extra(vit, tmp_path, force_digits, monkeypatch):
+    _missing(monkeypatch, "sklearn")
+    with pytest.raises(SystemExit) as e:
+        vit.main(TINY_VIT + ["--output_dir", str(tmp_path)])
+    _assert_names_the_extra(e, "sklearn", "recipes")
+    assert "digits fallback" in str(e.value.code)
+
+
+def test_compare_without_matplotlib_names_the_recipes_extra_before_any_run(tmp_path, monkeypatch, capsys):
+    import compare
+
+    _missing(monkeypatch, "matplotlib")
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--quick", "--output_dir", str(tmp_path)])
+    _assert_names_the_extra(e, "matplotlib", "recipes")
+    assert "run 1 of" not in capsys.readouterr().out
+
+
+def test_embedded_smollm2_without_gguf_names_the_recipes_extra(tmp_path, monkeypatch):
+    _missing(monkeypatch, "gguf")
+    with pytest.raises(SystemExit) as e:
+        embedded_data.embedded_smollm2(str(tmp_path))  # an empty cache: the GGUF file must be read
+    _assert_names_the_extra(e, "gguf", "recipes")
+    assert not os.listdir(tmp_path)
+
+
+def test_sft_trl_without_trl_names_the_trl_extra(tmp_path, monkeypatch):
+    import sft_trl  # importable without TRL: TRL is imported in main(), after the check
+
+    _missing(monkeypatch, "trl")
+    with pytest.raises(SystemExit) as e:
+        sft_trl.main(["--output_dir", str(tmp_path)])
+    _assert_names_the_extra(e, "trl", "trl")
+
+
+def test_a_module_missing_inside_an_optional_package_keeps_its_own_error(monkeypatch):
+    """A broken install (the package is there, one of its own imports is not) is not blamed on the extra."""
+    import importlib
+
+    def import_module(name):
+        raise ModuleNotFoundError("No module named 'yaml'", name="yaml")
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    with pytest.raises(ModuleNotFoundError, match="yaml"):
+        embedded_data.require("gguf", "Reading a GGUF file")
 
 
 def test_accuracy_metric_loads_offline_by_path():
@@ -127,6 +248,106 @@ def test_vit_adamw_setting_is_one_pass(vit, tmp_path):
     assert len(train_logs) == 2
     assert all(log["vasso/adversary_fraction"] == 0.0 for log in train_logs)
     assert not any("vasso/perturbed_loss" in log for log in train_logs)
+
+
+@pytest.mark.data
+def test_vit_saves_the_trained_model_and_warns_before_overwriting_it(vit, tmp_path, monkeypatch, caplog):
+    """Like transformers' example scripts, the model (and its image processor) ends in --output_dir, loadable with
+    `from_pretrained`; a second run into the same folder says, before it trains, that it will overwrite them."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    seen = spy_on_training(monkeypatch, vit.VassoTrainer)
+    with caplog.at_level("WARNING"):
+        vit.main(TINY_VIT + ["--output_dir", str(tmp_path)])
+    assert "holds the results of an earlier run" not in caplog.text  # the control: a fresh folder
+    assert_saved_is_trained(AutoModelForImageClassification.from_pretrained(tmp_path), seen)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert processor.to_dict() == seen["trainer"].processing_class.to_dict()
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        vit.main(TINY_VIT + ["--output_dir", str(tmp_path), "--seed", "7"])
+    assert f"{tmp_path / 'results.json'} holds the results of an earlier run: this run overwrites it" in caplog.text
+    assert_saved_is_trained(AutoModelForImageClassification.from_pretrained(tmp_path), seen)  # the second run's
+
+
+@pytest.mark.data
+def test_vit_vasso_metrics_reach_what_report_to_names(vit, tmp_path, monkeypatch):
+    """`--report_to tensorboard` builds transformers' callback for it, which gets every logged row through `on_log`:
+    the TensorBoard callback is swapped for a recorder (tensorboard need not be installed), reached the same way."""
+    from transformers import TrainerCallback
+    from transformers.integrations import integration_utils
+
+    rows = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            rows.append(dict(logs))
+
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "tensorboard", Recorder)
+    vit.main(TINY_VIT + ["--report_to", "tensorboard", "--output_dir", str(tmp_path)])
+    train_rows = [row for row in rows if "loss" in row]
+    assert len(train_rows) == 2
+    for key in ("vasso/sharpness", "vasso/d_norm", "vasso/perturbed_loss", "vasso/adversary_fraction"):
+        assert all(key in row for row in train_rows), key
+
+
+class _Stop(Exception):
+    """Raised by a patched step to end a recipe run early."""
+
+
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["forced_digits", "as_installed"])
+@pytest.mark.data
+def test_vit_says_which_images_it_uses_and_why_before_it_trains(vit, tmp_path, monkeypatch, caplog, forced):
+    if forced:
+        monkeypatch.setenv(embedded_data.FORCE_DIGITS_ENV, "1")
+    missing = embedded_data.fashion_mnist_missing()
+    monkeypatch.setattr(vit.VassoTrainer, "train", _stop)
+    with caplog.at_level("INFO"), pytest.raises(_Stop):
+        vit.main(TINY_VIT + ["--output_dir", str(tmp_path)])
+    if missing is None:
+        assert f"Images: Fashion-MNIST from {embedded_data.FASHION_MNIST_DIR}." in caplog.text
+        assert "Training on Fashion-MNIST (Debian dataset-fashion-mnist) (96 train / 64 test images)" in caplog.text
+    else:
+        assert f"Images: scikit-learn's 8x8 digits, the fallback, because {missing} (`apt-get install" in caplog.text
+        assert "Training on sklearn digits (96 train / 64 test images), small ViT (patch 4)" in caplog.text
+    if forced:
+        assert missing == "HF_VASSO_FORCE_DIGITS is set"
+
+
+def test_the_fallback_reason_names_the_missing_package(tmp_path, monkeypatch):
+    monkeypatch.delenv(embedded_data.FORCE_DIGITS_ENV, raising=False)
+    assert embedded_data.fashion_mnist_missing(str(tmp_path)) == (
+        f"the Debian package dataset-fashion-mnist is not installed (no IDX files in {tmp_path})"
+    )
+
+
+@pytest.mark.parametrize(
+    "script, data_loader",
+    [
+        ("vit_image_classification", "load_embedded_images"),
+        ("lm_instruction_tuning", "load_eg_pairs"),
+        ("sft_trl", "load_eg_pairs"),
+    ],
+)
+def test_every_recipe_warns_before_it_loads_data_that_it_will_overwrite_results(
+    script, data_loader, tmp_path, monkeypatch, caplog
+):
+    if script == "sft_trl":
+        pytest.importorskip("trl")
+    recipe = __import__(script)
+    monkeypatch.setattr(embedded_data, data_loader, _stop)
+    for earlier in (False, True):
+        if earlier:
+            (tmp_path / "results.json").write_text("{}")
+        caplog.clear()
+        with caplog.at_level("WARNING"), pytest.raises(_Stop):
+            recipe.main(["--output_dir", str(tmp_path)])
+        assert ("holds the results of an earlier run" in caplog.text) == earlier, caplog.text
 
 
 @pytest.mark.data
@@ -311,9 +532,16 @@ def test_lm_labels_cover_the_answer_and_its_end_of_turn_only(lm):
 
 
 @needs_smollm2()
-def test_lm_trains_lora_and_reports_heldout_loss(lm, tiny_lm, tmp_path, capsys):
+def test_lm_trains_lora_and_reports_heldout_loss(lm, tiny_lm, tmp_path, capsys, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out = tmp_path / "lm"
+    seen = spy_on_training(monkeypatch, lm.VassoTrainer)
     results = lm.main(tiny_lm + ["--learning_rate", "5e-3", "--max_steps", "4", "--output_dir", str(out)])
+    base = tiny_lm[tiny_lm.index("--model_name_or_path") + 1]
+    assert_saved_is_trained(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out), seen)
+    assert AutoTokenizer.from_pretrained(out).chat_template == seen["trainer"].processing_class.chat_template
     assert results["global_steps"] == 4
     assert math.isfinite(results["heldout_loss_before"]) and math.isfinite(results["heldout_loss_after"])
     assert results["heldout_loss_after"] < results["heldout_loss_before"]
@@ -380,10 +608,17 @@ TINY_SFT = [
 
 
 @needs_smollm2()
-def test_sft_trl_trains_lora_and_reports_heldout_loss(sft, tiny_lm, tmp_path, capsys):
+def test_sft_trl_trains_lora_and_reports_heldout_loss(sft, tiny_lm, tmp_path, capsys, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_vasso.trl import VassoSFTTrainer
+
     folder = tiny_lm[tiny_lm.index("--model_name_or_path") + 1]
     out = tmp_path / "sft"
+    seen = spy_on_training(monkeypatch, VassoSFTTrainer)
     results = sft.main(TINY_SFT + ["--model_name_or_path", folder, "--output_dir", str(out)])
+    assert_saved_is_trained(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), out), seen)
     assert results["global_steps"] == 4
     assert results["heldout_loss_after"] < results["heldout_loss_before"]
     assert len(results["generations"]) == 3 and (out / "adapter_model.safetensors").is_file()
@@ -437,12 +672,90 @@ def test_sft_trl_under_accelerate_launch_two_processes(sft, tiny_lm, tmp_path):
     assert results["num_processes"] == 2 and results["global_steps"] == 4
 
 
+class _FakeRecipe:
+    """A recipe whose runs return made-up results at once: test accuracy 0.5 + seed/10 + 0.01 * (method's index), a
+    training loss of 2 - step/10 + seed/10 at steps 1 and 2, and (with `evaluates`) an evaluation at step 2."""
+
+    methods = ["AdamW", "SAM", "VASSO", "eVASSO (p=0.3)"]
+    evaluates = True
+
+    @classmethod
+    def main(cls, argv):
+        seed = int(argv[argv.index("--seed") + 1])
+        method = next(i for i, m in enumerate(cls.methods) if f"/{m.split()[0]}/" in argv[-1] + "/")
+        accuracy = 0.5 + seed / 10 + 0.01 * method
+        logs = [{"step": s, "loss": 2 - s / 10 + seed / 10} for s in (1, 2)]
+        logs += [{"step": 2, "eval_accuracy": accuracy}] if cls.evaluates else []
+        return {"test_accuracy": accuracy, "data": "made up", "model": "none", "log_history": logs}
+
+
+@pytest.mark.parametrize("evaluates", [True, False], ids=["with_eval", "without_eval"])
+def test_compare_says_run_k_of_n_and_plots_the_spread_over_seeds(tmp_path, monkeypatch, capsys, evaluates):
+    """The plot shows the spread over seeds (bands around the curves, error bars on the final metric) under a title
+    that fits the figure, with and without an evaluation panel (--quick has none: its title was cut off)."""
+    import compare
+    import numpy as np
+
+    monkeypatch.setattr(_FakeRecipe, "evaluates", evaluates)
+
+    real_import = compare.importlib.import_module  # compare's import of the recipe gets the fake, others the real
+    monkeypatch.setattr(
+        compare.importlib,
+        "import_module",
+        lambda name: _FakeRecipe if name == "vit_image_classification" else real_import(name),
+    )
+    figures = []
+    monkeypatch.setattr(compare, "plot", lambda *a, plot=compare.plot: figures.append(plot(*a)))
+    compare.main(["--seeds", "0", "2", "--output_dir", str(tmp_path)])
+
+    printed = capsys.readouterr().out
+    expected = [
+        f"run {k} of 8: {m} seed {s} ->"
+        for k, (m, s) in enumerate([(m, s) for m in _FakeRecipe.methods for s in (0, 2)], 1)
+    ]
+    assert [
+        line.split("===== ", 1)[1].split(" ->")[0] + " ->" for line in printed.splitlines() if "=====" in line
+    ] == expected
+
+    (fig,) = figures
+    loss, *accuracy, final = fig.axes
+    assert len(accuracy) == evaluates
+    std = float(np.std([0.5, 0.7], ddof=1))  # two seeds, 0.2 apart
+    for i, container in enumerate(final.containers):  # one error bar per method: mean +- sample std
+        ((_, low), (_, high)) = container.lines[2][0].get_segments()[0]
+        assert (low, high) == pytest.approx((0.6 + 0.01 * i - std, 0.6 + 0.01 * i + std))
+    assert len(final.containers) == 4
+    for ax, half_width in [(loss, std)] + [(ax, std) for ax in accuracy]:  # a band of +- one std around each curve
+        bands = [c for c in ax.collections if len(c.get_paths())]
+        assert len(bands) == 4
+        ys = bands[0].get_paths()[0].vertices[:, 1]
+        assert ys.max() - ys.min() >= 2 * half_width - 1e-9
+    fig.canvas.draw()
+    title = fig._suptitle.get_window_extent()
+    assert 0 <= title.x0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height, "the title is cut off"
+    assert "over 2 seeds" in fig._suptitle.get_text()
+    helpers.assert_png(str(tmp_path / "curves.png"))
+
+
+def test_compare_default_seeds_are_the_documented_ones():
+    import compare
+
+    seeds = " ".join(map(str, compare.DEFAULT_SEEDS))
+    assert f"seeds {seeds}" in compare.__doc__
+    readme = (Path(ROOT) / "recipes" / "README.md").read_text()
+    assert (
+        f"python recipes/compare.py                              # the ViT recipe's defaults, seeds {seeds}" in readme
+    )
+    assert f"ViT defaults, seeds {seeds} × 4 methods" in readme
+
+
 @pytest.mark.slow
 @pytest.mark.data
-def test_compare_writes_table_csv_and_plot(tmp_path):
+def test_compare_writes_table_csv_and_plot(tmp_path, capsys):
     import compare
 
     compare.main(["--quick", "--seeds", "0", "--output_dir", str(tmp_path)])
+    assert "run 4 of 4: eVASSO (p=0.3) seed 0" in capsys.readouterr().out
 
     with open(tmp_path / "results.csv") as f:
         rows = {row["method"]: row for row in csv.DictReader(f)}
