@@ -315,37 +315,24 @@ def write_results(trainer, results: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- resuming
 
-CHECKPOINT_INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # transformers' JIT checkpoint, while it writes
-
-
 def checkpoint_to_resume(args) -> str | None:
     """The checkpoint `trainer.train` resumes from: `--resume_from_checkpoint` if given, else, like transformers'
-    example scripts, the newest *complete* `checkpoint-N` in an existing `--output_dir` (saying which, and why a
-    newer one was skipped), else None (a fresh run). Complete: its `trainer_state.json`, written last, exists and
-    no JIT "checkpoint-is-incomplete.txt" marker is left."""
-    import re
+    example scripts, the newest *complete* `checkpoint-N` in an existing `--output_dir` (`hf_vasso`'s
+    `newest_complete_checkpoint`: no JIT "incomplete" marker, a `trainer_state.json` that parses, whole weights and
+    VASSO state files), saying which and why newer ones were skipped; else None (a fresh run)."""
+    from hf_vasso import newest_complete_checkpoint
 
     if args.resume_from_checkpoint:
         return args.resume_from_checkpoint
-    if not os.path.isdir(args.output_dir):
-        return None
-    found = [(int(m.group(1)), n) for n in os.listdir(args.output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", n))]
-    for _, name in sorted(found, reverse=True):
-        path = os.path.join(args.output_dir, name)
-        if not os.path.isdir(path):
-            continue
-        if os.path.isfile(os.path.join(path, CHECKPOINT_INCOMPLETE_MARKER)):
-            why = f"its {CHECKPOINT_INCOMPLETE_MARKER} marker says the save was interrupted"
-        elif not os.path.isfile(os.path.join(path, "trainer_state.json")):
-            why = "it has no trainer_state.json (the save was interrupted before its end)"
-        else:
-            logger.warning(
-                f"{args.output_dir} holds checkpoints: resuming from {path}, the newest complete one (pass "
-                "--resume_from_checkpoint to choose another, or another --output_dir to start afresh)."
-            )
-            return path
-        logger.warning(f"Skipping {path}: {why}.")
-    return None
+    path, skipped = newest_complete_checkpoint(args.output_dir)
+    for folder, why in skipped:
+        logger.warning(f"Skipping {folder}: {why}.")
+    if path is not None:
+        logger.warning(
+            f"{args.output_dir} holds checkpoints: resuming from {path}, the newest complete one (pass "
+            "--resume_from_checkpoint to choose another, or another --output_dir to start afresh)."
+        )
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------- hub or folder

@@ -1,8 +1,10 @@
 """Crash and resume: SIGKILL a `VassoTrainer` run at random points, also while a checkpoint is being written, resume
 it, and compare the final weights with an uninterrupted run, bit for bit.
 
-The run: the tests' tiny MLP (`tests/helpers.py`), eVASSO (p = 0.5, so the coin stream must survive the restart),
-gradient accumulation 2, a shuffled data order, a checkpoint every 10 of 200 optimizer steps. Each training process is
+The run: a small `ViTForImageClassification`, the ViT recipe's own model class (which transformers saves under
+converted key names, so a resume must load them through the conversion), on random 8x8 images; eVASSO (p = 0.5, so
+the coin stream must survive the restart), gradient accumulation 2, a shuffled data order, a checkpoint every 10 of
+200 optimizer steps. Each training process is
 a fresh Python process (`--worker`) that uses `VassoTrainer` through its public API only: it resumes from the newest
 checkpoint that `train(resume_from_checkpoint=...)` accepts, and moves to the next older one when a checkpoint is
 refused before training starts (a kill during a checkpoint write leaves one incomplete). The driver kills a process
@@ -45,7 +47,8 @@ START_TIMEOUT_S = 300  # a worker's imports on a loaded 2-core machine can take 
 def worker(run_dir: str) -> None:
     """Train to the end, resuming from the newest checkpoint that loads. Prints markers the driver reads."""
     import torch
-    from helpers import make_args, make_dataset, make_model
+    from datasets import Dataset
+    from helpers import make_args, small_vit
     from transformers import TrainerCallback
 
     from hf_vasso import VassoTrainer
@@ -76,6 +79,9 @@ def worker(run_dir: str) -> None:
         names = [n for n in os.listdir(run_dir) if n.startswith("checkpoint-")] if os.path.isdir(run_dir) else []
         return [os.path.join(run_dir, n) for n in sorted(names, key=lambda n: -int(n.split("-")[1]))]
 
+    g = torch.Generator().manual_seed(1)
+    images = {"pixel_values": torch.randn(80, 1, 8, 8, generator=g).tolist(), "labels": list(range(4)) * 20}
+    dataset = Dataset.from_dict(images).with_format("torch")
     for candidate in checkpoints() + [None]:
         torch.manual_seed(0)
         args = make_args(
@@ -89,9 +95,8 @@ def worker(run_dir: str) -> None:
             logging_steps=5,
         )
         markers = Markers(candidate)
-        trainer = VassoTrainer(
-            model=make_model(hidden=1024), args=args, train_dataset=make_dataset(n=80), callbacks=[markers]
-        )
+        model = small_vit(image_size=8, patch_size=4, hidden=64, layers=2, heads=4, num_labels=4)
+        trainer = VassoTrainer(model=model, args=args, train_dataset=dataset, callbacks=[markers])
         try:
             trainer.train(resume_from_checkpoint=candidate)
         except Exception as e:

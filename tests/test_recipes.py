@@ -19,6 +19,7 @@ from pathlib import Path
 import embedded_data
 import helpers
 import pytest
+import torch
 from helpers import needs_smollm2, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -379,21 +380,42 @@ def test_vit_resumes_from_the_newest_complete_checkpoint(vit, tmp_path, force_di
     assert explicit["global_steps"] == 4 and not (other / "checkpoint-1").exists()  # the flag reached train()
 
 
+def test_vit_resumed_after_a_crash_ends_on_the_uninterrupted_runs_weights(vit, tmp_path):
+    """A run of 4 steps that a crash cut after checkpoint-2, re-run with the same command, ends on the weights of the
+    run that was not cut, bit for bit, on the recipe's own model class: ViT, which transformers saves under converted
+    names (the plain Trainer's resume would leave most of its weights where the new model put them)."""
+    import shutil
+
+    from transformers import AutoModelForImageClassification
+
+    longer = [a if a != "2" else "4" for a in TINY_VIT]  # --max_steps 4
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    vit.main(longer + ["--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(straight)])
+    shutil.copytree(straight / "checkpoint-2", crashed / "checkpoint-2")  # all the crash left behind
+    vit.main(longer + ["--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(crashed)])
+    ours = AutoModelForImageClassification.from_pretrained(str(crashed)).state_dict()
+    for name, value in AutoModelForImageClassification.from_pretrained(str(straight)).state_dict().items():
+        assert torch.equal(value, ours[name]), name
+
+
 def test_resume_skips_a_checkpoint_with_the_jit_incomplete_marker(tmp_path, caplog):
     """transformers' JIT checkpoint writes `checkpoint-is-incomplete.txt` first and removes it last: a folder that
     still holds it was cut short, even with its `trainer_state.json` written."""
+    from safetensors.torch import save_file
+
     for step in (2, 3):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        save_file({"w": torch.zeros(2)}, str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
     cut = tmp_path / "checkpoint-3"
-    (cut / embedded_data.CHECKPOINT_INCOMPLETE_MARKER).write_text("Checkpoint started at step 3 and in progress...")
+    (cut / "checkpoint-is-incomplete.txt").write_text("Checkpoint started at step 3 and in progress...")
     args = types.SimpleNamespace(resume_from_checkpoint=None, output_dir=str(tmp_path))
     with caplog.at_level("WARNING"):
         found = embedded_data.checkpoint_to_resume(args)
     assert found == str(tmp_path / "checkpoint-2")
     assert f"Skipping {cut}: its checkpoint-is-incomplete.txt marker says the save was interrupted" in caplog.text
 
-    (cut / embedded_data.CHECKPOINT_INCOMPLETE_MARKER).unlink()  # the control: the same folder, complete
+    (cut / "checkpoint-is-incomplete.txt").unlink()  # the control: the same folder, complete
     assert embedded_data.checkpoint_to_resume(args) == str(cut)
 
 
