@@ -15,8 +15,9 @@ machine's load hit every variant alike; the order rotates every round:
 The ratio to the plain step is compared with its floor: 2 passes for VASSO and SAM, 1 + (fraction of timed steps
 that ran the adversary) for eVASSO. Targets: VASSO within 2.5% of its floor, eVASSO within 3%. Memory: VASSO's
 persistent state (d in fp32 + the saved weights) against the trainable parameter bytes, and with a GPU, the peak
-allocated memory against the plain Trainer's. On a GPU two larger models join by default, in bf16: a ViT-B/16
-(86M parameters, 224x224, full training) and a 1.1B-parameter Llama (TinyLlama's shapes, random init) with LoRA;
+allocated memory against the plain Trainer's. On a GPU larger models join by default, in bf16: a ViT-B/16
+(86M parameters, 224x224, full training) and a 1.1B-parameter Llama (TinyLlama's shapes, random init) with LoRA
+(`--models llama-1.1b-full` trains it in full);
 every row then also gives the throughput (samples/s, tokens/s for the Llamas).
 
     python benchmarks/cost.py            # a few minutes on 2 CPU cores; on a GPU also ViT-B/16 and a 1.1B Llama
@@ -91,6 +92,7 @@ MODELS = {
         512,
         True,
     ),
+    "llama-1.1b-full": ("Llama 1.1B (TinyLlama shapes, bf16 weights), full training, batch 4 × 512", 4, 512, True),
 }
 
 
@@ -116,7 +118,7 @@ def build(model_name: str, quick: bool):
             return helpers.small_vit(image_size=size, channels=channels, num_labels=labels, **sizes)
 
         return make, None, examples, batch, desc, bf16
-    big = model_name == "llama-1.1b-lora"
+    big = model_name.startswith("llama-1.1b")
     vocab = 32000 if big else 512
     examples = list(helpers.token_dataset(n, seq, vocab_size=vocab, seed=SEED))
     if big:
@@ -136,7 +138,7 @@ def build(model_name: str, quick: bool):
 
     r = 16 if big else 8
     lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
-    return make, lora, examples, batch, desc, bf16
+    return make, None if model_name.endswith("-full") else lora, examples, batch, desc, bf16
 
 
 # ---------------------------------------------------------------------------------------------------- Trainer runs

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import torch
 
-# The device types whose mixed-dtype elementwise kernels copy each low-precision operand to fp32 first (a CPU's
-# TensorIterator does; CUDA's and other accelerators' cast inside the kernel). A test empties it to run the
-# accelerators' branch on a CPU.
-COPYING_DEVICES = {"cpu"}
+# The device types that take the CPU plans: their mixed-dtype elementwise kernels copy each low-precision operand to
+# fp32 first and run several times slower (a CPU's TensorIterator; CUDA's and other accelerators' cast inside the
+# kernel), and their fp32 norm of a bf16 tensor takes a slow cast path. A test empties it to run every accelerator
+# branch on a CPU.
+CPU_PLAN_DEVICES = {"cpu"}
 
 
 def casts_in_kernel(t: torch.Tensor) -> bool:
     """Whether a mixed-dtype op on `t`'s device casts its low-precision operands inside the kernel (no fp32 copies),
     so that it moves low-precision weights within the memory bound; False on a CPU."""
-    return t.device.type not in COPYING_DEVICES
+    return t.device.type not in CPU_PLAN_DEVICES
 
 
 def pieces(weights: list[torch.Tensor], d: list[torch.Tensor]):
@@ -38,10 +39,10 @@ def fp32_norms(tensors: list[torch.Tensor], device_type: str | None = None) -> l
     (one multi-tensor kernel). On a CPU that cast path is about 20x slower than the norm itself, so there the norm of
     a bf16 tensor is returned in bf16 (3 significant digits; bf16 overflows where fp32 does, so finiteness is
     unchanged) and widened; fp16 (whose range a loss-scaled norm exceeds) takes the fp32 result. `device_type`
-    forces a branch (the tests run the accelerator branch on a CPU).
+    names the device whose plan to take (default: the tensors'; see `CPU_PLAN_DEVICES`).
     """
     dtypes = {t.dtype for t in tensors}
-    on_cpu = (device_type or tensors[0].device.type) == "cpu"
+    on_cpu = (device_type or tensors[0].device.type) in CPU_PLAN_DEVICES
     if on_cpu and torch.bfloat16 in dtypes and dtypes <= {torch.bfloat16, torch.float32}:
         return list(torch.stack(torch._foreach_norm(tensors, 2)).float().unbind())  # one cast, not one per tensor
     return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))

@@ -11,7 +11,6 @@ import csv
 import gc
 import importlib.util
 import os
-import random
 import re
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from collections.abc import Callable
 import torch
 from datasets import Dataset
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
 from hf_vasso import VassoConfig
@@ -95,11 +95,10 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 def reference_coin(seed: int, step: int, p: float) -> bool:
-    if p >= 1:
-        return True
-    if p <= 0:
-        return False
-    return random.Random(f"hf_vasso:{seed}:{step}").random() < p
+    """eVASSO's coin as the reference states it (`reference.coin`)."""
+    from reference import coin
+
+    return coin(seed, step, p)
 
 
 def reference_vasso(
@@ -114,40 +113,18 @@ def reference_vasso(
     adversary_prob: float = 1.0,
     seed: int = 42,
 ) -> tuple[nn.Module, list[dict]]:
-    """VASSO / eVASSO exactly as `docs/algorithm.md` states it, full batch, AdamW. Returns the model and per-step
-    records (d, eps, losses)."""
+    """`steps` full-batch AdamW steps of the reference VASSO step (`reference.py`) on a copy of `model`. Returns the
+    model and per-step records: the clean `loss`, `d` (in `model.parameters()` order) and the `perturbed_loss`."""
+    from reference import ReferenceVASSO
+
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-    def loss_and_grads():
-        loss = model(x, labels=y)["loss"]
-        return loss, torch.autograd.grad(loss, params)
-
-    d = None
+    ref = ReferenceVASSO(torch.optim.AdamW(params, lr=lr, weight_decay=0.0), rho=rho, theta=theta,
+                         adversary_prob=adversary_prob, seed=seed)  # fmt: skip
     records = []
-    for t in range(steps):
-        loss, g = loss_and_grads()
-        d = [gi.clone() for gi in g] if d is None else [(1 - theta) * di + theta * gi for di, gi in zip(d, g)]
-        record = {"loss": loss.item(), "d": [di.clone() for di in d]}
-        if reference_coin(seed, t, adversary_prob):
-            norm = torch.sqrt(sum((di.double() ** 2).sum() for di in d)).float()
-            eps = [rho * di / norm for di in d] if norm > 0 else [torch.zeros_like(di) for di in d]
-            saved = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, e in zip(params, eps):
-                    p.add_(e)
-            perturbed_loss, h = loss_and_grads()
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-            record.update(eps=eps, perturbed_loss=perturbed_loss.item())
-            g = h
-        for p, gi in zip(params, g):
-            p.grad = gi.clone()
-        opt.step()
-        opt.zero_grad()
-        records.append(record)
+    for _ in range(steps):
+        metrics = ref.step(lambda: model(x, labels=y)["loss"])
+        records.append(dict(metrics, d=[ref.d[p].clone() for p in params]))
     return model, records
 
 
@@ -299,6 +276,47 @@ def assert_png(path: str) -> None:
 def assert_provenance(md: str, script: str) -> None:
     assert f"Command: `python {script} --quick" in md
     assert "Machine:" in md and "torch " in md
+
+
+# ---------------------------------------------------------------------------------------------------- the ops a step
+# dispatches (tests/test_engine_shape.py and benchmarks/bookkeeping.py)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that launch work (views and shape queries excluded) and records each foreach call with
+    whether it meets `ATen/native/ForeachUtils.h`'s fast-path conditions (every list of one dtype and device, dense
+    (contiguous, here), and matching sizes and strides at each index)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+        self.foreach: list[tuple[str, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+            return out  # a view
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        if name.startswith("_foreach"):
+            lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+            self.foreach.append((name, fast_path(lists)))
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def fast_path(lists: list) -> bool:
+    first = lists[0][0]
+    for tensors in lists:
+        for i, t in enumerate(tensors):
+            same = t.dtype == first.dtype and t.device == first.device and t.is_contiguous()
+            if not same or t.shape != lists[0][i].shape or t.stride() != lists[0][i].stride():
+                return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------- memory, as the

@@ -44,3 +44,27 @@ def test_cost_quick(tmp_path):
     md = open(os.path.join(out, "cost.md")).read()
     assert_provenance(md, "benchmarks/cost.py")
     assert "| VassoTrainer VASSO θ=0.4 |" in md and "| loop pytorch_optimizer SAM |" in md
+
+
+def test_the_gpu_command_plans_steps_that_parse_and_says_why_it_runs_nothing_here():
+    """`benchmarks/gpu_checks.py --dry-run` checks every step's command (pytest collects the GPU tests, each script's
+    parser takes its flags) within the 8-minute budget; without a GPU the command says in one line that it ran
+    nothing."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    script = os.path.join(REPO, "benchmarks", "gpu_checks.py")
+    dry = subprocess.run([sys.executable, script, "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert dry.stdout.count("        ok") == 4 and "nothing was run on a GPU" in dry.stdout
+    total = int(dry.stdout.rsplit(" s in all", 1)[0].split()[-1])
+    assert total <= 8 * 60
+    for what in ("pytest -q -m gpu", "benchmarks/cost.py", "benchmarks/bookkeeping.py", "studies/lora_overfitting.py"):
+        assert what in dry.stdout
+    import torch
+
+    if not torch.cuda.is_available():  # with a GPU this would run the whole 8 minutes
+        here = subprocess.run([sys.executable, script], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert here.returncode == 0 and here.stdout.startswith("No CUDA GPU here: nothing to run.")

@@ -77,4 +77,9 @@ def test_bookkeeping_quick(tmp_path):
     # two tables of a header, a rule and one line per row; the parts table, 4 lines per plain VASSO row
     parts = 4 * sum(r["phases_ms"] is not None for r in rows)
     assert parts == 4 * len(WORKLOADS) * 2
-    assert md.count("\n| ") == 2 * (2 + len(rows)) + 2 + parts
+    ops = result["ops_per_step"]
+    assert [r["implementation"] for r in ops] == ["VASSO", "official ops", "SAM foreach"]
+    for r in ops:  # the same count at both sizes: no op per tile or piece
+        assert r["tensors"] == 40 and r["ops"][0] == r["ops"][1] > 0
+    assert "## Ops a step dispatches" in md
+    assert md.count("\n| ") == 2 * (2 + len(rows)) + 2 + parts + 2 + len(ops)

@@ -11,47 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import OpCounter
 
 from hf_vasso import VassoUpdate
 from hf_vasso.adversary import GEOMETRIES
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops that launch work (views and shape queries excluded) and records each foreach call with
-    whether it meets `ATen/native/ForeachUtils.h`'s fast-path conditions (every list of one dtype and device, dense
-    (contiguous, here), and matching sizes and strides at each index)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: dict[str, int] = {}
-        self.foreach: list[tuple[str, bool]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
-        if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
-            return out  # a view
-        name = func.overloadpacket.__name__
-        self.ops[name] = self.ops.get(name, 0) + 1
-        if name.startswith("_foreach"):
-            lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
-            self.foreach.append((name, fast_path(lists)))
-        return out
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
-
-def fast_path(lists: list) -> bool:
-    first = lists[0][0]
-    for tensors in lists:
-        for i, t in enumerate(tensors):
-            same = t.dtype == first.dtype and t.device == first.device and t.is_contiguous()
-            if not same or t.shape != lists[0][i].shape or t.stride() != lists[0][i].stride():
-                return False
-    return True
 
 
 def layout(count: int, elements: int, dtype, device) -> list[torch.nn.Parameter]:

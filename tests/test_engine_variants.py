@@ -286,7 +286,7 @@ def test_low_precision_weights_move_by_eps_within_one_rounding(dtype, adversary,
     geometry, and for both ways of moving them: through fp32 copies (a CPU) and by mixed-dtype ops that cast in the
     kernel (accelerators; forced here on a CPU, where it is slower but computes the same)."""
     if branch == "accelerator":
-        monkeypatch.setattr(ops_module, "COPYING_DEVICES", set())
+        monkeypatch.setattr(ops_module, "CPU_PLAN_DEVICES", set())
     g = torch.Generator().manual_seed(0)
     shapes = SHAPE_SETS[shapes]
     params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]

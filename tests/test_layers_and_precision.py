@@ -156,6 +156,33 @@ def test_fp16_scaled_gradient_enters_d_unscaled():
         torch.testing.assert_close(pa, pb, atol=1e-7, rtol=1e-6)
 
 
+class LossScaledTrainer(VassoTrainer):
+    """The Trainer's fp16 path on a CPU (where `fp16=True` trains in fp32 with no scaler): a GradScaler in the
+    accelerator before it prepares the optimizer, so that `accelerator.backward` scales every loss, Accelerate's
+    optimizer step unscales and checks, and `VassoTrainer` reads the scale for d (`_grad_scale`)."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+
+
+def test_the_trainers_fp16_loss_scale_is_divided_out_of_d(tmp_path):
+    """A loss scale that doubles every step (powers of two scale exactly) leaves the run as the unscaled one: the
+    same weights, d and logged `vasso/grad_norm`. If VassoTrainer did not divide the scale out, d would mix gradients
+    of different scales and ‖g‖ would be logged scaled."""
+    plain = VassoTrainer(make_model(), make_args(tmp_path / "p", max_steps=6), train_dataset=make_dataset())
+    plain.train()
+    scaled = LossScaledTrainer(make_model(), make_args(tmp_path / "s", max_steps=6), train_dataset=make_dataset())
+    scaled.train()
+    assert scaled.accelerator.scaler.get_scale() == 2.0 ** (10 + 6)  # the scale really grew every step
+    for (name, a), b in zip(plain.model.named_parameters(), scaled.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    for a, b in zip(plain.vasso.d, scaled.vasso.d):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    norms = [[row["vasso/grad_norm"] for row in t.state.log_history if "loss" in row] for t in (plain, scaled)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+
+
 def test_fp16_overflow_keeps_d_finite_and_weights_unperturbed():
     x, y = make_data()
     model = make_model()

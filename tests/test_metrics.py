@@ -27,14 +27,18 @@ def test_adversary_fraction_counts_the_adversary_applied(rho, fraction, weights_
     assert optimizer.pop_metrics()["vasso/adversary_fraction"] == fraction
 
 
-@pytest.mark.parametrize(
-    ("dtype", "rel"),
-    [(torch.float32, 1e-5), (torch.bfloat16, 2.0**-8), (torch.float16, 1e-5)],  # bf16 on a CPU: bf16's rounding
-)
-def test_grad_norm_and_d_norm_have_the_precision_docs_metrics_states(dtype, rel):
+@pytest.mark.parametrize("plan", ["cpu", "accelerator"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_grad_norm_and_d_norm_have_the_precision_docs_metrics_states(dtype, plan, monkeypatch):
     """`vasso/grad_norm` is ||g|| within one rounding of the norm's result dtype (fp32; bf16 for bf16 gradients on a
     CPU), and `vasso/d_norm` (d is fp32) within fp32's, both against float64 on the same gradients (1e-5: an fp32 sum
-    of 71,003 squares)."""
+    of 71,003 squares). On both plans: a CPU's, and an accelerator's, forced here on a CPU (its norms of bf16
+    gradients are fp32 results)."""
+    from hf_vasso import ops
+
+    if plan == "accelerator":
+        monkeypatch.setattr(ops, "CPU_PLAN_DEVICES", set())
+    rel = 2.0**-8 if dtype == torch.bfloat16 and plan == "cpu" else 1e-5
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype)) for n in (70_000, 3, 1_000)]
     update = VASSO(torch.optim.SGD(params, lr=0.0), rho=0.05, theta=0.4)
