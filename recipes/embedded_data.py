@@ -315,6 +315,7 @@ def write_results(trainer, results: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- resuming
 
+
 def checkpoint_to_resume(args) -> str | None:
     """The checkpoint `trainer.train` resumes from: `--resume_from_checkpoint` if given, else, like transformers'
     example scripts, the newest *complete* `checkpoint-N` in an existing `--output_dir` (`hf_vasso`'s
