@@ -40,7 +40,7 @@ import torch
 from helpers import REPO, bash_blocks, make_data, make_dataset, readme_section, vasso_step, weights
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hf_vasso
 from hf_vasso import VASSO, VassoArguments, VassoConfig, VassoTrainerMixin
@@ -300,7 +300,28 @@ def run_python_block(block, namespace, tmp_path, monkeypatch) -> list[str]:
     for value in built.values():
         if isinstance(value, type) and issubclass(value, AdversaryGeometry):
             checked.append(check_geometry_class(value, monkeypatch))
+        if isinstance(value, type) and issubclass(value, TrainerCallback):
+            checked.append(check_callback_class(value, tmp_path))
     return checked
+
+
+def check_callback_class(cls: type, tmp_path: Path) -> str:
+    """A callback the block defines (a ρ schedule): a VassoTrainer with it and a decaying learning rate trains, and
+    the ρ the engine used changed with the schedule from step to step."""
+
+    class Record(TrainerCallback):
+        seen: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.append(trainer.vasso.rho)
+
+    args = VassoConfig(output_dir=str(tmp_path / "cb"), lr_scheduler_type="linear", **dict(TINY, max_steps=4))
+    trainer = hf_vasso.VassoTrainer(model=DocModel(), args=args, train_dataset=make_dataset(32))
+    trainer.add_callback(cls())
+    trainer.add_callback(Record())
+    trainer.train()
+    assert len(set(Record.seen)) == 4, f"the engine's rho did not follow the callback: {Record.seen}"
+    return f"callback {cls.__name__} drives rho"
 
 
 # ------------------------------------------------------------------------------------------------------ bash blocks
