@@ -299,7 +299,8 @@ def write_results(out: str, result: dict, info: dict, cmd: str) -> None:
         "# Crash and resume: SIGKILL at random points, then resume",
         "",
         _common.provenance_md(info, cmd),
-        f"Run: tiny MLP (tests/helpers.py, hidden 1024), eVASSO p = 0.5, gradient accumulation 2, shuffled data, "
+        f"Run: a small ViTForImageClassification (the ViT recipe's model class, saved by transformers under converted "
+        f"names) on random 8x8 images, eVASSO p = 0.5, gradient accumulation 2, shuffled data, "
         f"{MAX_STEPS} optimizer steps, a checkpoint every {SAVE_STEPS}; each process is killed with SIGKILL at a "
         f"random time of its training or a random fraction of a checkpoint write (median write "
         f"{s['reference_save_window_ms']} ms; training {s['reference_train_s']} s uninterrupted), then restarted; a "
