@@ -1,6 +1,6 @@
 """Every code block of the user docs runs here, one test per block, so a doc that drifts from the code fails CI.
 
-The docs: README.md, recipes/README.md and docs/*.md. Blocks by language:
+The docs: README.md, recipes/README.md, tests/README.md and docs/*.md. Blocks by language:
 
 - `python`: executed as written, in a namespace that supplies the names a block leaves undefined (`model`,
   `train_ds`, `eval_ds`, `loader`, `loss_fn`, `MyTrainer`, `MyTrainingArguments`) with tiny offline stand-ins.
@@ -15,7 +15,8 @@ The docs: README.md, recipes/README.md and docs/*.md. Blocks by language:
 - `bash`: each command is checked without running long jobs: `pip install` extras exist in pyproject.toml and pins
   equal `.ci/run`'s, `apt-get install` packages are the ones `.ci/run` installs, recipe flags are accepted by the
   recipe's own argument parser (also under `accelerate launch` and `torchrun`, whose own flags and config files are
-  checked too), and the test command is `.ci/run`'s. An unknown command fails: extend this file.
+  checked too), and a test command is `.ci/run`'s or a part of the suite (declared markers, test files and tests
+  that exist). An unknown command fails: extend this file.
 - `text`: a transcript of the recipe that the nearest heading above it names; each labelled line (`PROMPT:`) and
   the first words of each paragraph must be printed by that recipe.
 
@@ -62,6 +63,7 @@ ROOT = Path(REPO)
 DOC_FILES = [
     "README.md",
     "recipes/README.md",
+    "tests/README.md",
     *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("docs/*.md")),
 ]
 FENCE = re.compile(r"^```(\S*)\s*$")
@@ -460,8 +462,7 @@ def check_command(words: list[str], monkeypatch) -> str:
             assert f"apt-get install -y -q {package}" in CI, f"{package} is not what .ci/run installs"
         return "apt-get install"
     if program == "python" and args[:2] == ["-m", "pytest"]:
-        assert words in ci_commands(), f"{' '.join(words)} is not .ci/run's test command"
-        return "the CI test command"
+        return "the CI test command" if words in ci_commands() else check_pytest_selection(args[2:])
     if program == "python" and args[0] == "recipes/compare.py":
         return check_compare(args[1:], monkeypatch)
     if program == "python":
@@ -481,6 +482,36 @@ def check_command(words: list[str], monkeypatch) -> str:
         run = get_args_parser().parse_args(args)
         return check_recipe_flags(run.training_script, run.training_script_args, monkeypatch)
     pytest.fail(f"no check for `{' '.join(words)}`: extend tests/test_docs.py")
+
+
+DECLARED_MARKERS = {m.split(":")[0] for m in PYPROJECT["tool"]["pytest"]["ini_options"]["markers"]}
+
+
+def marker_names(expression: str) -> set[str]:
+    return set(re.findall(r"\w+", expression)) - {"not", "and", "or"}
+
+
+def defined_tests(path: Path) -> set[str]:
+    """The names of the test functions a test file defines."""
+    tree = ast.parse(path.read_text())
+    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test")}
+
+
+def check_pytest_selection(args: list[str]) -> str:
+    """A part of the suite (CI's whole command is checked above): `-q`, `-m` over markers pyproject.toml declares,
+    and test files or folders that exist (`file.py::test` a test the file defines)."""
+    words = iter(args)
+    for word in words:
+        if word == "-m":
+            names = marker_names(next(words))
+            assert names and names <= DECLARED_MARKERS, f"-m names markers not declared: {names - DECLARED_MARKERS}"
+        elif not word.startswith("-"):
+            file, _, test = word.partition("::")
+            assert (ROOT / file).exists(), f"pytest {word}: {file} does not exist"
+            assert not test or test.split("[")[0] in defined_tests(ROOT / file), f"pytest {word}: no such test"
+        elif word != "-q":
+            pytest.fail(f"no check for pytest's {word}: extend tests/test_docs.py")
+    return "a part of the test suite"
 
 
 def check_compare(argv: list[str], monkeypatch) -> str:
@@ -769,9 +800,16 @@ def test_readme_states_the_supported_transformers_range():
 def test_readme_quick_subset_selects_by_markers_the_suite_declares():
     """The quick subset the README gives is a marker expression over markers pyproject.toml declares."""
     (expression,) = re.findall(r'`python -m pytest -q -m "([^"]+)"`', readme_section("Running the tests"))
-    declared = {m.split(":")[0] for m in PYPROJECT["tool"]["pytest"]["ini_options"]["markers"]}
-    names = set(re.findall(r"\w+", expression)) - {"not", "and", "or"}
-    assert names and names <= declared, f"{expression!r} names markers the suite does not declare"
+    names = marker_names(expression)
+    assert names and names <= DECLARED_MARKERS, f"{expression!r} names markers the suite does not declare"
+
+
+def test_tests_readme_names_tests_that_exist():
+    """tests/README.md's table of mutants names the tests that killed them: each `file.py::test` is one."""
+    named = re.findall(r"`(test_\w+\.py)::(\w+)", (ROOT / "tests" / "README.md").read_text())
+    assert len(named) >= 10
+    missing = [f"{file}::{test}" for file, test in named if test not in defined_tests(ROOT / "tests" / file)]
+    assert not missing, f"tests/README.md names tests that do not exist: {missing}"
 
 
 def test_readme_is_at_most_2500_words():
