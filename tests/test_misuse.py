@@ -212,16 +212,32 @@ def test_train_again_after_a_failed_train_starts_clean(tmp_path):
     assert trainer.vasso.step == 4
 
 
-def test_restored_attributes_removes_an_attribute_created_inside_the_block():
-    class Holder:
-        pass
+class Holder:
+    pass
 
+
+@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+def test_restored_attributes_restores_deep_and_removes_what_the_block_created(raises):
+    """What a `compute_loss` side effect does in pass 2 is undone: a list mutated in place and the lists inside a
+    dict come back as they were, as copies taken on entry (the mutated objects keep the block's changes), an
+    attribute the block creates is removed, one it deletes comes back, and an exception from the block passes
+    through after the restore."""
     holder = Holder()
-    holder.kept = [1]
-    with restored_attributes(holder, ("kept", "created")):
-        holder.kept.append(2)
+    holder.calls, holder.metrics, holder.dropped = [1], {"loss": [0.5], "steps": [1]}, "kept"
+    calls, metrics, loss = holder.calls, holder.metrics, holder.metrics["loss"]
+    passes_through = pytest.raises(RuntimeError, match="pass 2") if raises else contextlib.nullcontext()
+    with passes_through, restored_attributes(holder, ("calls", "metrics", "dropped", "created")):
+        holder.calls.append(2)
+        holder.metrics["loss"].append(0.7)
+        holder.metrics["steps"] = [1, 2]
         holder.created = 3
-    assert holder.kept == [1] and not hasattr(holder, "created")
+        del holder.dropped
+        if raises:
+            raise RuntimeError("pass 2 failed")
+    assert holder.calls == [1] and holder.metrics == {"loss": [0.5], "steps": [1]} and holder.dropped == "kept"
+    assert not hasattr(holder, "created")
+    assert holder.calls is not calls and holder.metrics["loss"] is not loss and loss == [0.5, 0.7]
+    assert metrics == {"loss": [0.5, 0.7], "steps": [1, 2]}  # the block's objects, not the restored copies
 
 
 # ---------------------------------------------------------------- the wrapper

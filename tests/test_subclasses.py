@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import re
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +32,7 @@ from hf_vasso import (
     VassoTrainer,
     VassoTrainerMixin,
 )
+from hf_vasso.rules import GENERATING_TRAINERS, refuse_generating_trainer
 
 trl = pytest.importorskip("trl")
 from hf_vasso.trl import VassoDPOConfig, VassoDPOTrainer, VassoSFTConfig, VassoSFTTrainer  # noqa: E402
@@ -265,8 +271,6 @@ def test_experimental_offline_trl_trainers_count_their_stored_metrics_once(tmp_p
     """CPO and ORPO keep their metrics in `_stored_metrics`, TPO in `_metrics` with a token count: at
     `adversary_prob=0` the weights and logs equal plain TRL's, and with VASSO every row has the same keys, step 1 the
     same values and `num_tokens` (TPO) is counted once."""
-    import importlib
-
     module = importlib.import_module(f"trl.experimental.{name.lower()}")
     trainer_cls, config_cls = getattr(module, f"{name}Trainer"), getattr(module, f"{name}Config")
     vasso_cls = type(f"Vasso{name}Trainer", (VassoTrainerMixin, trainer_cls), {})
@@ -313,13 +317,66 @@ def test_sft_config_given_to_vasso_sft_trainer_becomes_the_one_vasso_sft_config(
 # ---------------------------------------------------------------- online trainers are refused
 
 
-def test_trainers_that_generate_in_training_step_are_refused():
-    class VassoGRPO(VassoTrainerMixin, trl.GRPOTrainer):
-        pass
+# Every Trainer class the installed TRL defines (in `trl` and `trl.experimental`), classified by hand from its source:
+# True = samples completions from the current policy inside `training_step` (refused: pass 2 would sample anew),
+# False = trains on the batch it is given (CPO and ORPO generate in evaluation only). A TRL release that adds or
+# removes a trainer fails `test_the_refused_trainers_are_pinned_against_installed_trl` until it is classified here.
+TRL_TRAINERS = {
+    **dict.fromkeys(["GRPOTrainer", "AsyncGRPOTrainer", "GMPOTrainer", "RLOOTrainer", "OnlineDPOTrainer"], True),
+    **dict.fromkeys(["GKDTrainer", "GOLDTrainer", "DistillationTrainer", "AsyncDistillationTrainer"], True),
+    **dict.fromkeys(["ServerDistillationTrainer", "IWOPDTrainer", "SDFTTrainer", "SDPOTrainer", "A2POTrainer"], True),
+    **dict.fromkeys(["SFTTrainer", "DPOTrainer", "KTOTrainer", "RewardTrainer", "CPOTrainer", "ORPOTrainer"], False),
+    "TPOTrainer": False,
+}
+# Refused for TRL 1.0, pyproject.toml's lower bound, whose trl.experimental had them (ppo, nash_md, xpo); gone since.
+GENERATING_IN_OLDER_TRL = {"PPOTrainer", "NashMDTrainer", "XPOTrainer"}
 
-    with pytest.raises(ValueError, match="GRPOTrainer generates completions inside training_step") as error:
-        VassoGRPO(model=None)
-    assert "reward modelling" not in str(error.value) and "RewardTrainer, KTOTrainer" in str(error.value)
+
+@functools.cache
+def installed_trl_trainers() -> dict[str, tuple[type, ...]]:
+    """Each `transformers.Trainer` subclass the installed TRL's modules define, by name (two DPOTrainers: TRL's and
+    trl.experimental.bema_for_ref_model's). Only the modules whose source defines a class named or based on a
+    `...Trainer` are imported."""
+    root, found = Path(trl.__file__).parent, {}
+    for file in sorted(root.rglob("*.py")):
+        if not re.search(r"^class (\w*Trainer|\w+\([^)]*Trainer)", file.read_text(), flags=re.M):
+            continue
+        parts = file.relative_to(root).with_suffix("").parts
+        with warnings.catch_warnings():  # TRL warns on each import from trl.experimental
+            warnings.simplefilter("ignore")
+            module = importlib.import_module(".".join(("trl", *parts[: -1 if parts[-1] == "__init__" else None])))
+        for name, value in vars(module).items():
+            if isinstance(value, type) and issubclass(value, Trainer) and value.__module__ == module.__name__:
+                if not name.startswith("_"):
+                    found[name] = (*found.get(name, ()), value)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(TRL_TRAINERS))
+def test_trl_trainers_that_generate_in_training_step_are_refused(name):
+    """`class VassoX(VassoTrainerMixin, X)`, for each TRL trainer X: refused when constructed if X generates in
+    `training_step` (by its name or a base class's), with a message that names the offline trainers that work."""
+    classes = installed_trl_trainers().get(name)
+    assert classes, f"the installed TRL has no {name}"
+    for base in classes:
+        vasso_class = type(f"Vasso{name}", (VassoTrainerMixin, base), {})
+        if not TRL_TRAINERS[name]:
+            refuse_generating_trainer(vasso_class)  # raises nothing: an offline trainer works
+            continue
+        with pytest.raises(ValueError, match="generates completions inside training_step") as error:
+            vasso_class(model=None)
+        assert "RewardTrainer, KTOTrainer" in str(error.value)
+
+
+def test_the_refused_trainers_are_pinned_against_installed_trl():
+    """As `OptimizerNames` is pinned in test_trainer_paths.py: every trainer the installed TRL defines is classified
+    above, and every name the refusal matches is a generating trainer of this TRL or of TRL 1.0."""
+    installed = installed_trl_trainers()
+    assert set(installed) == set(TRL_TRAINERS), f"classify: {sorted(set(installed) ^ set(TRL_TRAINERS))}"
+    generating = {name for name, generates in TRL_TRAINERS.items() if generates}
+    assert not GENERATING_TRAINERS - generating - GENERATING_IN_OLDER_TRL, "refused, but no TRL trainer of that name"
+    assert GENERATING_IN_OLDER_TRL <= GENERATING_TRAINERS and not GENERATING_IN_OLDER_TRL & set(installed)
+    assert not GENERATING_TRAINERS & (set(TRL_TRAINERS) - generating), "an offline trainer is refused"
 
 
 # ---------------------------------------------------------------- Seq2Seq
