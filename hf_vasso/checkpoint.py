@@ -3,8 +3,10 @@ loaded exactly whatever names transformers saved them under.
 
 - `checkpoint_problem` / `newest_complete_checkpoint`: a folder is complete when transformers' JIT "incomplete"
   marker is gone, its `trainer_state.json` (written last) parses, its model weights are whole (a safetensors file's
-  size matches its header) and its VASSO state files pass their checksum. A save cut short by a full disk or a kill
-  fails one of these; the plain Trainer's `resume_from_checkpoint=True` takes the newest folder whatever it holds.
+  size matches its header), its VASSO state files pass their checksum, the optimizer state they go with is there,
+  and the Trainer's optimizer, scheduler, scaler and RNG files are whole torch archives. A save cut short by a full
+  disk or a kill fails one of these; the plain Trainer's `resume_from_checkpoint=True` takes the newest folder
+  whatever it holds.
 - `load_converted_weights`: transformers 5 saves ViT, the MoE models and many VLMs under converted key names
   (`save_pretrained` reverts the model's conversion mapping), and `Trainer._load_from_checkpoint` loads them by raw
   name with `strict=False` (transformers#43701, #40187): most weights silently stay where they were. This loads them
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import struct
+import zipfile
 from typing import Any
 
 from torch import nn
@@ -28,6 +31,9 @@ INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # transformers' JIT checkpoi
 TRAINER_STATE = "trainer_state.json"
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# The Trainer's own state files, each a torch (zip) archive: its central directory is at the end, so one cut short
+# is found by reading the end of the file, whatever its size.
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
 
 
 def checkpoint_problem(folder: str) -> str | None:
@@ -51,11 +57,19 @@ def checkpoint_problem(folder: str) -> str | None:
         problem = _safetensors_problem(os.path.join(folder, name))
         if problem:
             return f"its {name} {problem}"
-    for name in sorted(n for n in names if n == STATE_FILE or re.fullmatch(r"vasso_state_rank\d+\.pt", n)):
+    vasso_files = sorted(n for n in names if n == STATE_FILE or re.fullmatch(r"vasso_state_rank\d+\.pt", n))
+    for name in vasso_files:
         try:
             read_state_file(os.path.join(folder, name))
         except ValueError as error:
             return f"its {name} is damaged ({error})"
+    if vasso_files and not any(n.startswith("optimizer") for n in names):
+        # VassoTrainer writes its state right after the optimizer's: without it, the Trainer's resume would
+        # silently start a fresh optimizer and LR schedule.
+        return f"it has {vasso_files[0]} but no optimizer.pt (the optimizer state was lost)"
+    for name in sorted(n for n in names if n in TORCH_FILES or re.fullmatch(r"rng_state_\d+\.pth", n)):
+        if not zipfile.is_zipfile(os.path.join(folder, name)):
+            return f"its {name} is cut short or damaged (not a whole torch archive)"
     return None
 
 

@@ -79,11 +79,12 @@ class Layout:
         Raises:
             ValueError: no parameter requires a gradient.
         """
-        flags = tuple(p.requires_grad for p in self.params)
-        key = (flags, tuple(group_of))
+        placement = self._placement([p.requires_grad for p in self.params])
+        key = (placement, tuple(group_of))
         if key == self._key:
             return False
-        active = [i for i, f in enumerate(flags) if f]
+        self._follow_placement()
+        active = [i for i, (f, *_) in enumerate(placement) if f]
         if not active:
             refuse_no_trainable_parameter()
         keep = set(active)
@@ -97,6 +98,32 @@ class Layout:
         self.build(cohorts, {i: self.d[i] for i in known}, group_of)
         self._key = key
         return True
+
+    def _placement(self, flags: list[bool]) -> tuple:
+        """What the layout depends on, per parameter: whether it is active, its dtype, device and shape."""
+        return tuple((f, p.dtype, p.device, p.shape) for f, p in zip(flags, self.params))
+
+    def _follow_placement(self) -> None:
+        """A model moved or cast after the engine was built (`accelerator.prepare` moving it to the GPU, a
+        `model.to(torch.bfloat16)`): the parameters are the same objects, on another device or in another dtype.
+        d keeps its values (fp32) and moves with them; the next build lays the buckets out anew.
+
+        Raises:
+            RuntimeError: a parameter changed shape (its d cannot follow).
+        """
+        for i, p in enumerate(self.params):
+            d, shape = (self.d[i] if i < len(self.d) else None), local(p).shape
+            if d is not None and d.shape != shape:
+                raise RuntimeError(
+                    f"VASSO: parameter {self._name(i)} changed shape from {tuple(d.shape)} to {tuple(shape)} since "
+                    "the optimizer was built (its .data was replaced): its d cannot follow. Build the optimizer "
+                    "(and VASSO) again after changing the model's shapes."
+                )
+        devices = {local(p).device for p in self.params if p.requires_grad}
+        if len(devices) == 1 and (device := devices.pop()) != self.device:
+            self.device = device
+            for c in self.cohorts:
+                c.initialized, c.d_sq = c.initialized.to(device), c.d_sq.to(device)
 
     def build(self, cohorts: list[Cohort], d_values: dict[int, torch.Tensor], group_of: list[int]) -> None:
         """Lay out the buckets cohort by cohort, copying the given d values (the others start at zero).
@@ -128,7 +155,7 @@ class Layout:
         self.cohorts = cohorts
         self.active = order
         active = set(order)
-        self._key = (tuple(i in active for i in range(len(self.params))), tuple(group_of))
+        self._key = (self._placement([i in active for i in range(len(self.params))]), tuple(group_of))
         self.version += 1
         self.refresh_d_sq()
 

@@ -46,6 +46,11 @@ class MetricWindow:
     def __init__(self, device: torch.device) -> None:
         self._sums = torch.zeros(len(WINDOW), device=device)
 
+    def to(self, device: torch.device) -> None:
+        """Move the running sums to `device` (the model moved after the engine was built); a no-op when there."""
+        if self._sums.device != device:
+            self._sums = self._sums.to(device)
+
     def add(self, **values: torch.Tensor | float) -> None:
         """Add one step's values, each by its name in `WINDOW` (0-d device tensors or numbers); no host sync.
 

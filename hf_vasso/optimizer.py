@@ -18,6 +18,23 @@ from .rules import refuse_accelerate_accumulation, refuse_repeated_tensors, refu
 from .update import VassoUpdate
 
 
+def _through_base(name: str) -> property:
+    """`VASSO.<name>` as the base optimizer's live attribute, once `torch.optim.Optimizer.__init__` has run."""
+
+    def get(self: Any) -> Any:
+        if self.__dict__.get("_shared"):
+            return getattr(self.base_optimizer, name)
+        return self.__dict__[f"_own_{name}"]
+
+    def set(self: Any, value: Any) -> None:
+        if self.__dict__.get("_shared"):
+            setattr(self.base_optimizer, name, value)
+        else:
+            self.__dict__[f"_own_{name}"] = value
+
+    return property(get, set)
+
+
 class VASSO(torch.optim.Optimizer):
     """Wrap a base optimizer so that it steps with the gradient at the VASSO adversary (arXiv 2309.15639).
 
@@ -50,12 +67,19 @@ class VASSO(torch.optim.Optimizer):
         prepared_optimizer.step()                 # unscale, skip on overflow, base step
 
     Non-finite gradients: a non-finite pass-1 gradient leaves d alone and the weights unperturbed; a non-finite
-    pass-2 gradient is replaced by zeros before the base step (momentum and weight decay still act), or, with a
-    `grad_scaler`, left for the scaler to skip the step. Both are decided on the device and counted in the metrics.
+    gradient the base step would take (pass 2's, or pass 1's on eVASSO's skipped steps) is replaced by zeros first
+    (momentum and weight decay still act), or, with a `grad_scaler`, left for the scaler to skip the step. All are
+    decided on the device and counted in the metrics.
+
+    ρ, θ, `adversary_prob` and the geometry are read at every step: `optimizer.vasso.theta = 1.0` between steps
+    takes effect at the next one, and an invalid value raises where it is set (a group's key: at the next
+    `first_step`, before d changes). The model may be moved or cast after the wrapper is built (Accelerate's
+    `prepare` moving it to the GPU): d follows it.
 
     Gradient accumulation: run pass 1 over all K micro-batches of the step (each loss divided by K), call
-    `first_step` once, run pass 2 over the same K micro-batches, then `second_step`: one batch of K·b. Do not call
-    `first_step` inside `accelerator.accumulate()` (refused: it would perturb once per micro-batch).
+    `first_step` once, run pass 2 over the same K micro-batches, then `second_step`: one batch of K·b. An
+    Accelerator built with `gradient_accumulation_steps` is refused (inside `accelerator.accumulate()` it would
+    perturb once per micro-batch, or run pass 2 on the last one alone; outside it, divide every loss by K twice).
 
     `state_dict()` is the base optimizer's with VASSO's d in each parameter's state (`"vasso_d"`, a DTensor for a
     DTensor parameter) and the rest under `param_groups[0]["vasso"]`, so that torch's distributed-checkpoint helpers
@@ -76,7 +100,10 @@ class VASSO(torch.optim.Optimizer):
         adaptive (`bool`): davda54/sam's and pytorch_optimizer's switch, an alias: `adaptive=True` is "asam".
         model (`nn.Module`, *optional*): the model the loop trains. Given, every buffer its pass-2 forward changes
             (BatchNorm's and InstanceNorm's running statistics, a running buffer of your own) ends the step as
-            pass 1 left it. Without it the wrapper cannot see them, and pass 2 counts the step in them a second time.
+            pass 1 left it, and pass 2 starts from cleared gradients for all of its parameters, also those this
+            optimizer does not step (which then end the step with the pass-2 gradient, as the stepped ones do).
+            Without it the wrapper cannot see them: pass 2 counts the step in the buffers a second time, and a
+            parameter it does not step ends with the sum of both passes' gradients, as under davda54/sam.
 
     Raises:
         TypeError: no base optimizer (neither an instance nor a class with its parameters), or keyword arguments
@@ -84,7 +111,8 @@ class VASSO(torch.optim.Optimizer):
         ValueError: a hyperparameter is invalid, nothing requires a gradient, the base optimizer is
             `torch.optim.SparseAdam` (sparse gradients) or already a `VASSO`; and, at step time, `step()` without a
             closure and without `first_step()` since the last step (e.g. inside `transformers.Trainer`), or
-            `first_step()` inside `accelerator.accumulate()` before the step's last micro-batch.
+            `first_step()` under an Accelerator that accumulates gradients itself or after `scaler.unscale_`.
+        RuntimeError: at step time, `first_step()` twice without a base step between.
     """
 
     def __init__(
@@ -120,15 +148,17 @@ class VASSO(torch.optim.Optimizer):
         )
         self._buffers = BufferSnapshot(model) if model is not None else None
         super().__init__(list(self.vasso.params), dict(base_optimizer.defaults))
-        self._share_base_state()
+        self._shared = True  # from here on, param_groups, state and defaults are the base optimizer's own
         self._grad_scale: torch.Tensor | None = None
         # Host-side bookkeeping of the call order (no device sync): whether first_step ran since the last base step.
         self._first_step_done = False
 
-    def _share_base_state(self) -> None:
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        self.defaults = self.base_optimizer.defaults
+    # The base optimizer's `param_groups`, `state` and `defaults`, read through at every access: torch's own
+    # `load_state_dict` on the base optimizer rebinds them, and a copy taken once would leave the wrapper (and its LR
+    # schedulers) on stale groups. While torch.optim.Optimizer.__init__ runs, the wrapper keeps its own.
+    param_groups = _through_base("param_groups")
+    state = _through_base("state")
+    defaults = _through_base("defaults")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the base optimizer, which VASSO follows (unfreezing a head mid-run, davda54/sam#65).
@@ -143,7 +173,7 @@ class VASSO(torch.optim.Optimizer):
             ValueError, TypeError: as `torch.optim.Optimizer.add_param_group`, an invalid ρ or geometry, or a
                 tensor VASSO already has; nothing is added then.
         """
-        if self.__dict__.get("param_groups") is not self.base_optimizer.param_groups:
+        if not self.__dict__.get("_shared"):
             # torch.optim.Optimizer.__init__ registering the wrapper's view of the parameters, before it shares the
             # base optimizer's groups: nothing to add to the base or to the engine.
             return super().add_param_group(param_group)
@@ -168,10 +198,30 @@ class VASSO(torch.optim.Optimizer):
         davda54/sam's.
 
         Raises:
-            ValueError: called inside `accelerator.accumulate()` on a micro-batch that does not end the step.
+            ValueError: the Accelerator accumulates gradients itself (`gradient_accumulation_steps` > 1), or the
+                scaler already unscaled this step's gradients (`scaler.unscale_` before `first_step`).
+            RuntimeError: `first_step` already ran since the last base step (`second_step` or `step`).
         """
-        if _accelerate_is_accumulating():
-            refuse_accelerate_accumulation()
+        if self._first_step_done:
+            why = (
+                "the weights are still perturbed, and a second perturbation would lose the saved copy of them"
+                if self.vasso.perturbed
+                else "the first call's pass-1 gradient is still in .grad (on eVASSO's skipped steps, the base step's "
+                "gradient) and d already holds it"
+            )
+            raise RuntimeError(
+                f"VASSO: first_step() called twice without a base step between: {why}. Finish each step with "
+                "second_step() (or step()), also when first_step() returned False."
+            )
+        if (steps := _accelerate_accumulation_steps()) > 1:
+            refuse_accelerate_accumulation(steps)
+        if grad_scaler is not None and _already_unscaled(grad_scaler, (self, self.base_optimizer)):
+            raise ValueError(
+                "VASSO: scaler.unscale_() ran before first_step(grad_scaler=scaler): d would divide the gradient by "
+                "the scale a second time, and scaler.step() would then not unscale the pass-2 gradient (a step "
+                "scale-times too long). Call first_step on the scaled gradient; to clip, unscale after restore(), "
+                "before scaler.step()."
+            )
         adversary = self.vasso.is_adversary_step()
         # Kept for the pass-2 guard: with a scaler, a non-finite pass-2 gradient is the scaler's to skip.
         self._grad_scale = grad_scaler._scale if grad_scaler is not None and grad_scaler.is_enabled() else None
@@ -184,6 +234,8 @@ class VASSO(torch.optim.Optimizer):
         # The engine clears the gradients whatever `zero_grad` says: pass 2 must start from zero, since a pass-2
         # gradient added onto the pass-1 one would be neither. `zero_grad` is kept for davda54/sam's signature.
         self.vasso.perturb()
+        if self._buffers is not None:  # the model's parameters this optimizer does not step too
+            self._buffers.module.zero_grad(set_to_none=True)
         return True
 
     @torch.no_grad()
@@ -267,7 +319,6 @@ class VASSO(torch.optim.Optimizer):
         self.vasso.validate_state_dict(vasso_state)
         # torch checks the groups and sizes before it changes anything, and the VASSO state is already valid.
         self.base_optimizer.load_state_dict(base_state)
-        self._share_base_state()  # load_state_dict rebinds the base optimizer's param_groups and state
         self.vasso.load_state_dict(vasso_state)
 
     def pop_metrics(self) -> dict[str, float]:
@@ -332,7 +383,13 @@ def _split_state(state_dict: dict[str, Any], count: int) -> tuple[dict[str, Any]
 def _base_optimizer(params: Any, base_optimizer: Any, base_kwargs: dict[str, Any]) -> torch.optim.Optimizer:
     """The base optimizer from either constructor: `VASSO(optimizer_instance, ...)` or davda54/sam's
     `VASSO(params, optimizer_class, **optimizer_kwargs)`."""
-    if isinstance(params, torch.optim.Optimizer) and base_optimizer is None:
+    if isinstance(params, torch.optim.Optimizer) and base_optimizer is not None:
+        raise TypeError(
+            f"VASSO got an optimizer that is already built ({type(params).__name__}) and a base optimizer "
+            f"({base_optimizer!r}): pass one of the two forms, VASSO(optimizer, rho=0.05) with the built one, or "
+            "VASSO(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3) (davda54/sam's form)."
+        )
+    if isinstance(params, torch.optim.Optimizer):
         instance = params
     elif params is None and isinstance(base_optimizer, torch.optim.Optimizer):
         instance = base_optimizer
@@ -354,14 +411,21 @@ def _base_optimizer(params: Any, base_optimizer: Any, base_kwargs: dict[str, Any
     return instance
 
 
-def _accelerate_is_accumulating() -> bool:
-    """Inside `accelerator.accumulate()` on a micro-batch that does not end the optimizer step (a host flag)."""
+def _accelerate_accumulation_steps() -> int:
+    """The micro-batches per step of the current Accelerator's own gradient accumulation (1: none; a host value)."""
     state = sys.modules.get("accelerate.state")
     if state is None:
-        return False
-    shared = state.GradientState._shared_state
-    plugin = shared.get("plugin_kwargs") or {}
-    return not shared.get("sync_gradients", True) and plugin.get("num_steps", 1) > 1
+        return 1
+    plugin = state.GradientState._shared_state.get("plugin_kwargs") or {}
+    return plugin.get("num_steps", 1) or 1
+
+
+def _already_unscaled(scaler: torch.amp.GradScaler, optimizers: tuple) -> bool:
+    """Whether `scaler.unscale_` ran this step for one of `optimizers` (torch's per-optimizer stage, a host value)."""
+    from torch.amp.grad_scaler import OptState
+
+    states = getattr(scaler, "_per_optimizer_states", {})
+    return any(states[id(o)]["stage"] is OptState.UNSCALED for o in optimizers if id(o) in states)
 
 
 def refuse_wrapped_vasso(base_optimizer: Any) -> None:

@@ -242,16 +242,16 @@ def refuse_step_without_first_step() -> None:
     )
 
 
-def refuse_accelerate_accumulation() -> None:
-    """`first_step()` inside `accelerator.accumulate()` on a micro-batch that does not end the optimizer step."""
+def refuse_accelerate_accumulation(steps: int) -> None:
+    """`first_step()` while an Accelerator accumulates gradients itself (`gradient_accumulation_steps` > 1)."""
     raise ValueError(
-        "VASSO.first_step() was called inside accelerator.accumulate() on a micro-batch that does not end the "
-        "optimizer step: the adversary would be built from one micro-batch's gradient, once per micro-batch, and "
-        "pass 2's gradient would be added into the next micro-batch's pass 1. Accumulate by hand instead, with an "
-        "Accelerator created without gradient_accumulation_steps (with it, accelerator.backward divides every "
-        "loss by K a second time): run pass 1 over all K micro-batches (loss / K, accelerator.no_sync(model) on "
-        "all but the last), call first_step() once, run pass 2 over the same K micro-batches, then restore() and "
-        "the optimizer step (the README's accumulation recipe)."
+        f"VASSO.first_step() was called while the Accelerator accumulates gradients over {steps} micro-batches "
+        "itself: inside accelerator.accumulate() the adversary would be built from one micro-batch's gradient "
+        "(on the micro-batch that ends the step, pass 2 would run on it alone, scaled by 1/K), and outside it "
+        "accelerator.backward divides every loss by K a second time. Accumulate by hand instead, with an "
+        "Accelerator created without gradient_accumulation_steps: run pass 1 over all K micro-batches (loss / K, "
+        "accelerator.no_sync(model) on all but the last), call first_step() once, run pass 2 over the same K "
+        "micro-batches, then restore() and the optimizer step (the README's accumulation recipe)."
     )
 
 

@@ -11,6 +11,7 @@ byte in d would otherwise load silently.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -136,12 +137,15 @@ def write_state_file(state: dict[str, Any], path: str) -> None:
         folder = os.path.dirname(os.path.abspath(path))
         try:
             free = shutil.disk_usage(folder).free
-            cause = f"{free} bytes free on the device of {folder}" + (": no space left" if free < (1 << 20) else "")
         except OSError:
-            cause = "the free space could not be read"
+            free = None
+        full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < (1 << 20))
+        space = "the free space could not be read" if free is None else f"{free} bytes free on the device of {folder}"
+        fix = "Free space" if full else "Fix the cause above"
         raise OSError(
-            f"Could not write the VASSO state file {path} ({type(error).__name__}: {error}; {cause}). Nothing was "
-            "written under that name. Free space (or choose another output_dir) and save again."
+            f"Could not write the VASSO state file {path} ({type(error).__name__}: {error}; {space}"
+            f"{': no space left' if full else ''}). Nothing was written under that name. {fix} (or choose another "
+            "output_dir) and save again."
         ) from error
 
 

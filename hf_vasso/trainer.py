@@ -16,8 +16,9 @@ from transformers import Seq2SeqTrainer, Trainer, TrainingArguments
 from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.utils import logging
 
+from .adversary import resolve_adversary
 from .arguments import VassoArguments, as_vasso_arguments
-from .checkpoint import checkpoint_problem, load_converted_weights, newest_complete_checkpoint
+from .checkpoint import INCOMPLETE_MARKER, checkpoint_problem, load_converted_weights, newest_complete_checkpoint
 from .module_state import BufferSnapshot
 from .optimizer import VASSO
 from .rules import (
@@ -111,6 +112,7 @@ class VassoTrainerMixin:
         self._vasso_optimizer: torch.optim.Optimizer | None = None
         self._pending_micro_batches: list[tuple[Any, Any, torch.Tensor]] = []
         self._vasso_deferred_save = False
+        self._vasso_geometry_seen: tuple[Any, Any] | None = None  # (adversary, adaptive) as the last step read them
 
     def _vasso_arguments(self, args: Any) -> Any:
         """The arguments with the VASSO fields: `args` itself, or an upgraded copy (see `as_vasso_arguments`)."""
@@ -152,8 +154,7 @@ class VassoTrainerMixin:
         self._pending_micro_batches = []
         vasso = self._vasso_update()
         vasso.step = self.state.global_step  # an aborted step (exception, restarted loop) may have counted one
-        # ρ and the default geometry as the arguments say now (a callback may change them: a ρ schedule).
-        vasso.rho, vasso.adversary = self.args.rho, self.args.adversary
+        self._read_vasso_arguments(vasso)
         adversary = vasso.is_adversary_step()
 
         # Pass 1, last micro-batch. It all-reduces the step's gradient unless each rank keeps its own adversary;
@@ -169,6 +170,9 @@ class VassoTrainerMixin:
         clean_loss = loss + sum(mb_loss for _, _, mb_loss in micro_batches[:-1])
         perturbed_loss = torch.zeros_like(loss)
         vasso.perturb()
+        # Trainable parameters the optimizer does not step (a head-only optimizer over a trainable body) start pass
+        # 2 from zero too: the Trainer clips and logs the norm of the model's gradients, which is then pass 2's.
+        model.zero_grad(set_to_none=True)
         try:
             with self.perturbed_pass_context(model):
                 for i, (mb_inputs, mb_num_items, _) in enumerate(micro_batches):
@@ -180,6 +184,28 @@ class VassoTrainerMixin:
         vasso.guard_perturbed_gradient(grad_scale)
         vasso.record_losses(clean_loss, perturbed_loss)
         return loss
+
+    def _read_vasso_arguments(self, vasso: VassoUpdate) -> None:
+        """ρ, θ, p and the default geometry as the arguments say now: a callback may change them between steps (a
+        ρ schedule), and each is checked as the configuration checks it, before the step changes anything.
+
+        `adaptive` stays the alias it is in the configuration: changed alone, it selects "asam" (True) or "vasso"
+        (False); changed with `adversary`, the two must agree. Both are then written back consistent.
+
+        Raises:
+            ValueError: an invalid value, or `adversary` and `adaptive` both changed and disagreeing.
+        """
+        args = self.args
+        vasso.rho, vasso.theta, vasso.adversary_prob = args.rho, args.theta, args.adversary_prob
+        seen = self._vasso_geometry_seen or (args.adversary, args.adaptive)
+        if args.adversary == seen[0] and args.adaptive != seen[1]:
+            vasso.adversary = "asam" if args.adaptive else "vasso"
+        elif args.adversary != seen[0] and args.adaptive != seen[1]:
+            vasso.adversary = resolve_adversary(args.adversary, args.adaptive)
+        else:
+            vasso.adversary = args.adversary
+        args.adversary, args.adaptive = vasso.adversary, vasso.adversary == "asam"
+        self._vasso_geometry_seen = (args.adversary, args.adaptive)
 
     def perturbed_pass_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """The context pass 2 runs in (the forward and backward passes at `x + ε`, all micro-batches of the step).
@@ -281,7 +307,14 @@ class VassoTrainerMixin:
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         if not self._vasso_mid_step():
-            return super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)
+            # Saved whole: a marker that a JIT save killed mid-write left in this folder earlier would make the new
+            # checkpoint look incomplete (a JIT save in progress removes its own marker after this, as it would).
+            marker = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}",
+                                  INCOMPLETE_MARKER)  # fmt: skip
+            if self.args.should_save and os.path.exists(marker):
+                os.remove(marker)
+            return
         # A save from inside a step (transformers' JIT checkpoint saves from on_pre_optimizer_step): d already holds
         # this step's gradient, while the weights, the optimizer and the step count are the last step's, and a
         # checkpoint of that mix cannot resume exactly. The step finishes (its optimizer step is in progress) and
@@ -413,7 +446,7 @@ def apply_peft_config(model: nn.Module | None, peft_config: Any | None) -> nn.Mo
 
 def _remove_placeholder_folder(folder: str) -> None:
     """Remove `folder` if it holds nothing but transformers' JIT "checkpoint-is-incomplete.txt" marker."""
-    if os.path.isdir(folder) and set(os.listdir(folder)) <= {"checkpoint-is-incomplete.txt"}:
+    if os.path.isdir(folder) and set(os.listdir(folder)) <= {INCOMPLETE_MARKER}:
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -113,9 +113,9 @@ class VassoUpdate:
         adaptive: bool | None = None,
         param_names: list[str] | Callable[[torch.Tensor], str] | None = None,
     ) -> None:
-        self.rho, self.theta, self.adversary_prob = check_hyperparameters(rho, theta, adversary_prob)
+        self._rho, self._theta, self._adversary_prob = check_hyperparameters(rho, theta, adversary_prob)
         self.seed = check_seed(seed)
-        self.adversary = resolve_adversary(adversary, adaptive)
+        self._adversary = resolve_adversary(adversary, adaptive)
         if isinstance(params, torch.optim.Optimizer):
             self._optimizer, self._own_groups, self.keys = params, None, group_keys(params)
         else:
@@ -124,7 +124,8 @@ class VassoUpdate:
         self.params: list[torch.Tensor] = []
         self.param_names: list[str] | None = None if param_names is None or callable(param_names) else []
         self._group_of: list[int] = []
-        self._signature: list[int] = []
+        self._signature: list[int] = []  # id of every tensor, in group order
+        self._group_sizes: list[int] = []
         self._sync_groups(list(param_names) if isinstance(param_names, (list, tuple)) else None)
         self.step = 0
         self.perturbed = False
@@ -132,6 +133,45 @@ class VassoUpdate:
         self._scales: dict[int, torch.Tensor] | None = None  # this step's ρ_group / ‖.‖ by group index
         self._moved = torch.zeros((), dtype=torch.bool, device=self.layout.device)
         self._guard_pending = False
+
+    # ------------------------------------------------------------------ the defaults, checked where they are set
+
+    @property
+    def rho(self) -> float:
+        """ρ of the groups without their own, >= 0; may be changed between steps (a ρ schedule)."""
+        return self._rho
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        self._rho = check_rho(value)
+
+    @property
+    def theta(self) -> float:
+        """θ, the weight of the newest gradient in d, in (0, 1]; may be changed between steps."""
+        return self._theta
+
+    @theta.setter
+    def theta(self, value: float) -> None:
+        _, self._theta, _ = check_hyperparameters(self._rho, value, self._adversary_prob)
+
+    @property
+    def adversary_prob(self) -> float:
+        """p, the probability of an adversary step, in [0, 1]; may be changed between steps."""
+        return self._adversary_prob
+
+    @adversary_prob.setter
+    def adversary_prob(self, value: float) -> None:
+        _, _, self._adversary_prob = check_hyperparameters(self._rho, self._theta, value)
+
+    @property
+    def adversary(self) -> str:
+        """The geometry of the groups without their own, a registered name; set by name or alias ("sam",
+        "adaptive"; None is "vasso"), between steps."""
+        return self._adversary
+
+    @adversary.setter
+    def adversary(self, value: str | None) -> None:
+        self._adversary = resolve_adversary(value)
 
     # ------------------------------------------------------------------ the parameters and their groups
 
@@ -167,7 +207,8 @@ class VassoUpdate:
         function), everything else must be as before. Host-side only; rebuilds the layout when something changed."""
         groups = self.groups()
         ids = [id(p) for g in groups for p in g["params"]]
-        if ids == self._signature:  # the dicts may be new (a loaded optimizer), their tensors are not
+        sizes = [len(g["params"]) for g in groups]
+        if ids == self._signature and sizes == self._group_sizes:  # the dicts may be new (a loaded optimizer)
             return
         known = len(self._signature)
         if ids[:known] != self._signature:
@@ -179,12 +220,12 @@ class VassoUpdate:
         refuse_repeated_tensors(self.params + new, "the parameters")
         for k, g in enumerate(groups):
             self._check_group(g, k)
-        if self.param_names is not None:
+        if self.param_names is not None and new:
             check_param_names(new_names, len(new), required=True)
             self.param_names.extend(new_names)
         self.params.extend(new)
-        self._group_of = [k for k, g in enumerate(groups) for _ in g["params"]]
-        self._signature = ids
+        self._group_of = [k for k, g in enumerate(groups) for _ in g["params"]]  # a tensor moved between groups too
+        self._signature, self._group_sizes = ids, sizes
         self._reduction = ShardReduction(self.params, self.name)
         if known == 0:
             self.layout = Layout(self.params, self._reduction, self.name)
@@ -194,6 +235,13 @@ class VassoUpdate:
         self._scales = None  # this step's adversary (if any) was computed without the new tensors
 
     def _check_group(self, group: dict[str, Any], k: int) -> None:
+        for key, ours in self.keys.items():
+            if ours == key and f"vasso_{key}" in group:
+                raise ValueError(
+                    f"param group {k} has {f'vasso_{key}'!r}, which VASSO reads only where the base optimizer uses "
+                    f"{key!r} itself (torch.optim.Adadelta's decay): this optimizer does not, so give the group "
+                    f"{key!r} instead."
+                )
         if self.keys["rho"] in group:
             check_rho(group[self.keys["rho"]], f"param group {k}'s {self.keys['rho']!r}")
         self._adversary_of(group)
@@ -237,12 +285,13 @@ class VassoUpdate:
         """Fold the pass-1 gradient into d and compute this step's adversary; advance the step count.
 
         A non-finite gradient (any precision) leaves d untouched and this step unperturbed, decided on the device
-        and counted in `vasso/nonfinite_fraction`.
+        and counted in `vasso/nonfinite_fraction`; without a loss scaler it is replaced by zeros in `.grad`.
 
         Args:
             grad_scale: the loss scale the gradients carry (fp16 with a GradScaler, a device tensor), or None.
-            perturbing: whether `perturb()` follows (the default: this step's coin). The pass-1 gradient is then
-                discarded, so a non-finite one is zeroed in place instead of through a copy.
+            perturbing: whether `perturb()` follows (the default: this step's coin). A non-finite pass-1 gradient
+                is zeroed in place (the base step of a step without adversary then sees zeros), except on a step
+                without adversary under a loss scaler, which gets the gradient as it was and skips the step.
 
         Raises:
             RuntimeError: the weights are still perturbed (call `restore()` first).
@@ -252,7 +301,8 @@ class VassoUpdate:
             raise RuntimeError("VASSO: absorb_gradient() called while the weights are perturbed; call restore().")
         self._sync_groups()
         self.layout.sync(self._group_of)
-        check_rho(self.rho, "rho")
+        self._window.to(self.layout.device)  # the model may have moved since the last step
+        rhos, names = self._read_groups()  # before d changes: an invalid value is refused with nothing done
         perturbing = self.is_adversary_step() if perturbing is None else perturbing
         self._guard_pending = False
         inv = None if grad_scale is None else grad_scale.float().reciprocal()
@@ -261,19 +311,22 @@ class VassoUpdate:
         finite = torch.isfinite(g_sq.sum())
         previous = [(c.d_sq, c.initialized) for c in self.layout.cohorts]
         dots = self._dots_with_d(grads) if self._cosine() and self.theta == 1.0 else None
-        self._fold_ema(grads, finite, inv, in_place=perturbing)
+        # Without a loss scaler a non-finite pass-1 gradient is zeroed in place: pass 2 replaces it on an adversary
+        # step, and on a step without one the base step then sees zeros, never a non-finite value. With a scaler it
+        # is kept (staged) for the scaler to skip that step.
+        self._fold_ema(grads, finite, inv, in_place=perturbing or grad_scale is None)
         d_sq = self.layout.cohort_sums([torch.linalg.vector_norm(b.d_flat).square() for b in self.layout.buckets])
         for c, value in zip(self.layout.cohorts, d_sq):
             c.d_sq = value
-        self._set_scales(finite, d_sq)
+        self._set_scales(finite, d_sq, rhos, names)
         self.step += 1
         self._record_step(g_sq, d_sq, previous, dots, inv, finite)
 
     def _fold_ema(self, grads: list[list], finite: torch.Tensor, inv: torch.Tensor | None, in_place: bool) -> None:
         """d <- (1 - θ) d + θ g per cohort; d <- g on a cohort's first finite step; d unchanged if g is not finite
         (decided on the device). A non-finite gradient is zeroed first (take = 0 then, and 0 * inf would be NaN): in
-        place when the pass-1 gradient is discarded after this step, else through the saved-weights buffer, so that
-        the base optimizer of a step without adversary still sees the gradient as it was."""
+        place (`in_place`), else through the saved-weights buffer, so that a loss scaler still sees the gradient of
+        a step without adversary as it was."""
         nonfinite = ~finite
         for bucket, bucket_grads in zip(self.layout.buckets, grads):
             c = self.layout.cohorts[bucket.cohort]
@@ -299,14 +352,28 @@ class VassoUpdate:
         for c in self.layout.cohorts:
             c.initialized = c.initialized | finite
 
-    def _set_scales(self, finite: torch.Tensor, d_sq: torch.Tensor) -> None:
-        """This step's ρ_group / ‖.‖ per group: one global norm through the geometries, each group's ρ (read now);
-        0 when the norm is not finite or its square is below fp32's smallest normal number (a norm under about
-        1.1e-19: its square, rounded as a subnormal, would give ‖ε‖ far from ρ)."""
+    def _read_groups(self) -> tuple[dict[int, float], dict[int, str]]:
+        """This step's ρ and geometry name of each active group, as the groups say now, checked.
+
+        Raises:
+            ValueError: a group's ρ or geometry is invalid; the message names the group.
+        """
         groups = self.groups()
         active = sorted({b.group for b in self.layout.buckets})
-        rhos = {k: check_rho(self._rho_of(groups[k]), f"param group {k}'s ρ") for k in active}
-        names = {k: self._adversary_of(groups[k]) for k in active}
+        rhos = {k: check_rho(self._rho_of(groups[k]), f"param group {k}'s {self.keys['rho']!r}") for k in active}
+        names = {}
+        for k in active:
+            try:
+                names[k] = self._adversary_of(groups[k])
+            except ValueError as error:
+                raise ValueError(f"param group {k}: {error}") from error
+        return rhos, names
+
+    def _set_scales(self, finite: torch.Tensor, d_sq: torch.Tensor, rhos: dict, names: dict) -> None:
+        """This step's ρ_group / ‖.‖ per group (`rhos`, `names`: `_read_groups`): one global norm through the
+        geometries; 0 when the norm is not finite or its square is below fp32's smallest normal number (a norm under
+        about 1.1e-19: its square, rounded as a subnormal, would give ‖ε‖ far from ρ)."""
+        active = sorted(rhos)
         if all(geometry(n).sq_norm_is_d_sq for n in names.values()):
             total_sq = d_sq.sum()
         else:

@@ -328,3 +328,105 @@ def test_the_trainer_perturbs_exactly_what_its_optimizer_steps(tmp_path):
     for name, value in weights(trainer.model).items():  # the body, trainable but not stepped, did not move
         if name.startswith("net.0"):
             assert torch.equal(value, weights(make_model())[name]), name
+
+
+class GradientProbe(TrainerCallback):
+    """The body's gradient as the optimizer step sees it (after both passes)."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer, self.seen = trainer, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.seen.append(self.trainer.model.net[0].weight.grad.clone())
+
+
+def test_trainable_parameters_the_optimizer_does_not_step_end_the_step_with_the_pass_2_gradient(tmp_path):
+    """A head-only optimizer over a trainable body: the Trainer clips (and logs the norm of) every trainable
+    gradient of the model, so the body's must be pass 2's, as the head's is, and not the sum of both passes."""
+    x, y = make_data()
+    model = make_model()
+    head = list(model.net[-1].parameters())
+    trainer = VassoTrainer(model, make_args(tmp_path, max_steps=1, rho=0.1), train_dataset=make_dataset(),
+                           optimizers=(torch.optim.SGD(head, lr=0.1), None))  # fmt: skip
+    probe = GradientProbe(trainer)
+    trainer.add_callback(probe)
+    trainer.train()
+    reference = make_model()  # pass 1 at x, then pass 2 with the head moved by ρ·g/‖g‖ (d = g on the first step)
+    reference(x, labels=y)["loss"].backward()
+    g = [p.grad.clone() for p in reference.net[-1].parameters()]
+    norm = torch.sqrt(sum((t * t).sum() for t in g))
+    reference.zero_grad()
+    with torch.no_grad():
+        for p, gi in zip(reference.net[-1].parameters(), g):
+            p.add_(0.1 * gi / norm)
+    reference(x, labels=y)["loss"].backward()
+    torch.testing.assert_close(probe.seen[0], reference.net[0].weight.grad)
+
+
+class SetArguments(TrainerCallback):
+    """Sets `args.<name> = value` at the start of step `at` (0-based)."""
+
+    def __init__(self, at: int, **values) -> None:
+        self.at, self.values = at, values
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            for name, value in self.values.items():
+                setattr(args, name, value)
+
+
+@pytest.mark.parametrize(
+    "values, engine",
+    [({"theta": 1.0}, {"theta": 1.0}), ({"adversary_prob": 0.0}, {"adversary_prob": 0.0}),
+     ({"adversary": "sam"}, {"adversary": "vasso"}), ({"adversary": "asam"}, {"adversary": "asam"}),
+     ({"adaptive": True}, {"adversary": "asam"}), ({"adversary": "asam", "adaptive": True}, {"adversary": "asam"})],
+)  # fmt: skip
+def test_theta_p_and_the_geometry_set_by_a_callback_are_read_at_the_next_step(tmp_path, values, engine):
+    trainer = VassoTrainer(make_model(), make_args(tmp_path, max_steps=3), train_dataset=make_dataset(),
+                           callbacks=[SetArguments(1, **values)])  # fmt: skip
+    trainer.train()
+    for name, value in engine.items():
+        assert getattr(trainer.vasso, name) == value
+    assert trainer.args.adaptive == (trainer.vasso.adversary == "asam")  # the alias written back consistent
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [({"theta": 1.5}, "theta=1.5 is invalid"), ({"adversary": "nope"}, "not a registered adversary geometry"),
+     ({"adversary": "plain", "adaptive": True}, "adaptive=True selects ASAM's adversary but adversary='plain'")],
+)  # fmt: skip
+def test_an_invalid_value_set_by_a_callback_is_refused_before_the_step_changes_d(tmp_path, values, message):
+    trainer = VassoTrainer(make_model(), make_args(tmp_path, max_steps=3), train_dataset=make_dataset(),
+                           callbacks=[SetArguments(1, **values)])  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert trainer.vasso.step == 1  # the refused step folded nothing into d
+
+
+def test_a_save_over_a_folder_with_a_stale_incomplete_marker_leaves_a_complete_checkpoint(tmp_path):
+    """A JIT save killed mid-write leaves checkpoint-6 with its marker; resume skips it, and when the resumed run
+    saves step 6 into that same folder, the checkpoint it writes is complete (the stale marker goes)."""
+    args = checkpoints(tmp_path)
+    (tmp_path / "checkpoint-6" / "checkpoint-is-incomplete.txt").write_text("in progress")
+    VassoTrainer(make_model(), args, train_dataset=make_dataset()).train(resume_from_checkpoint=True)
+    assert checkpoint_problem(str(tmp_path / "checkpoint-6")) is None
+    assert newest_complete_checkpoint(str(tmp_path))[0] == str(tmp_path / "checkpoint-6")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["optimizer.pt cut short", "scheduler.pt cut short", "rng_state.pth cut short", "optimizer.pt missing"],
+)
+def test_a_checkpoint_with_a_damaged_or_missing_optimizer_scheduler_or_rng_file_is_incomplete(tmp_path, damage):
+    """The plain Trainer's resume crashes on a cut optimizer, scheduler or RNG file ("PytorchStreamReader failed")
+    and silently restarts the optimizer when optimizer.pt is gone: VASSO's checkpoint check names each."""
+    checkpoints(tmp_path)
+    name, what = damage.split(" ", 1)
+    path = tmp_path / "checkpoint-6" / name
+    if what == "missing":
+        os.remove(path)
+    else:
+        _truncate(path, path.stat().st_size // 2)
+    problem = checkpoint_problem(str(tmp_path / "checkpoint-6"))
+    assert problem is not None and name in problem
+    assert newest_complete_checkpoint(str(tmp_path))[0] == str(tmp_path / "checkpoint-4")

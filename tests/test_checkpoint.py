@@ -297,3 +297,15 @@ def test_failed_state_write_leaves_no_file_and_names_the_cause(tmp_path, monkeyp
     assert str(checkpoint / VASSO_STATE_NAME) in message and "unexpected pos" in message
     assert "no space left" in message and "Free space" in message
     assert not [n for n in os.listdir(checkpoint) if n.startswith(VASSO_STATE_NAME)]  # neither the file nor a temp
+
+
+def test_a_failed_state_write_with_space_left_does_not_blame_the_disk(tmp_path):
+    """A write that fails for another reason (a folder in the way, permissions) says so, without the full-disk fix."""
+    from hf_vasso.state import write_state_file
+
+    (tmp_path / "vasso_state.pt").mkdir()
+    with pytest.raises(OSError) as error:
+        write_state_file({"step": 0}, str(tmp_path / "vasso_state.pt"))
+    message = str(error.value)
+    assert "IsADirectoryError" in message and "Free space" not in message and "no space left" not in message
+    assert "Fix the cause above" in message

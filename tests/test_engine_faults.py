@@ -127,8 +127,9 @@ def test_guard_is_a_noop_without_perturbation():
     update = VassoUpdate(model.parameters(), rho=0.1, theta=0.4, adversary_prob=0.0)
     for p in model.parameters():
         p.grad = torch.full_like(p, float("nan"))
-    update.absorb_gradient()
-    update.guard_perturbed_gradient()  # no perturb() this step: the pass-1 gradient is the base optimizer's business
+    scale = torch.tensor(1.0)  # under a scaler the pass-1 gradient of a step without adversary is kept as it was
+    update.absorb_gradient(scale)
+    update.guard_perturbed_gradient(scale)  # no perturb() this step: nothing for the pass-2 guard to do
     assert all(torch.isnan(p.grad).all() for p in model.parameters())
     assert "vasso/perturbed_nonfinite_fraction" not in update.pop_metrics()
 

@@ -300,7 +300,7 @@ def test_first_step_twice_without_pass_two_is_refused():
     model(x, labels=y)["loss"].backward()
     optimizer.first_step()
     model(x, labels=y)["loss"].backward()
-    with pytest.raises(RuntimeError, match="perturbed; call restore"):
+    with pytest.raises(RuntimeError, match=r"first_step\(\) called twice.*lose the saved copy"):
         optimizer.first_step()  # second_step forgotten: the saved weights would be lost
 
 
