@@ -90,3 +90,21 @@ class MetricWindow:
             if s[count] > 0:
                 metrics[key] = s[total] / s[count]
         return metrics
+
+
+def consecutive_cosine(theta, g_sq, d_sq, previous, dots, inv, finite) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(cos(d_t, d_{t-1}), whether it is defined)`, 0-d device tensors, without keeping d_{t-1}: <d_t, d_{t-1}>
+    follows from squared norms for θ < 1, (‖d_t‖² + (1-θ)²‖d_{t-1}‖² - θ²‖g‖²) / (2(1-θ)), and from <g, d_{t-1}>
+    (`dots`) for θ = 1. Per cohort: `g_sq`, `d_sq` (this step), `previous` ((‖d_{t-1}‖², had d) each); a cohort on
+    its first step had no d_{t-1} and contributes 0. `inv`: 1 / the loss scale the gradients carry, or None."""
+    inv_sq = 1.0 if inv is None else inv * inv
+    inner = torch.zeros((), device=finite.device)
+    for i, (d_sq_prev, was_initialized) in enumerate(previous):
+        if theta == 1.0:
+            term = dots[i] * (1.0 if inv is None else inv)
+        else:
+            term = (d_sq[i] + (1 - theta) ** 2 * d_sq_prev - theta**2 * g_sq[i] * inv_sq) / (2 * (1 - theta))
+        inner = inner + torch.where(was_initialized, term, 0.0)
+    denom = d_sq.sum().sqrt() * torch.stack([p for p, _ in previous]).sum().sqrt()
+    valid = finite & (denom > 0)
+    return torch.where(valid, inner / denom, 0.0).clamp(-1.0, 1.0), valid

@@ -46,20 +46,37 @@ def check_hyperparameters(rho: Any, theta: Any, adversary_prob: Any) -> tuple[fl
         ValueError: a value is not a real number (booleans included), not finite, or out of its range; the message
             names the value and the fix.
     """
-    rho = check_rho(rho)
-    theta = _real("theta", theta, "the weight of the newest gradient, e.g. 0.4")
-    adversary_prob = _real("adversary_prob", adversary_prob, "the probability of an adversary step, e.g. 1.0")
-    if not (0 < theta <= 1):
+    return check_rho(rho), check_theta(theta), check_adversary_prob(adversary_prob)
+
+
+def check_theta(theta: Any) -> float:
+    """θ as a float in (0, 1].
+
+    Raises:
+        ValueError: anything else; the message names the value and the fix.
+    """
+    value = _real("theta", theta, "the weight of the newest gradient, e.g. 0.4")
+    if not (0 < value <= 1):
         raise ValueError(
-            f"theta={theta!r} is invalid: the weight of the newest gradient must be in (0, 1] "
+            f"theta={value!r} is invalid: the weight of the newest gradient must be in (0, 1] "
             "(1.0 is SAM; the paper uses 0.4, and 0.2 under heavy label noise)."
         )
-    if not (0 <= adversary_prob <= 1):
+    return value
+
+
+def check_adversary_prob(adversary_prob: Any) -> float:
+    """The eVASSO probability p as a float in [0, 1].
+
+    Raises:
+        ValueError: anything else; the message names the value and the fix.
+    """
+    value = _real("adversary_prob", adversary_prob, "the probability of an adversary step, e.g. 1.0")
+    if not (0 <= value <= 1):
         raise ValueError(
-            f"adversary_prob={adversary_prob!r} is invalid: the probability of an adversary step must be in [0, 1] "
+            f"adversary_prob={value!r} is invalid: the probability of an adversary step must be in [0, 1] "
             "(1.0 is VASSO, below 1 is eVASSO, 0 is the base optimizer alone)."
         )
-    return rho, theta, adversary_prob
+    return value
 
 
 def check_rho(rho: Any, what: str = "rho") -> float:

@@ -33,9 +33,17 @@ import torch
 from . import state as state_file
 from .adversary import AdversaryGeometry, geometry, resolve_adversary
 from .layout import Cohort, Layout
-from .metrics import MetricWindow
+from .metrics import MetricWindow, consecutive_cosine
 from .ops import casts_in_kernel, ema_, sq_norm, words
-from .rules import check_hyperparameters, check_param_names, check_rho, check_seed, refuse_repeated_tensors
+from .rules import (
+    check_adversary_prob,
+    check_hyperparameters,
+    check_param_names,
+    check_rho,
+    check_seed,
+    check_theta,
+    refuse_repeated_tensors,
+)
 from .sharding import ShardReduction, local
 
 __all__ = ["VassoUpdate", "adversary_coin", "group_keys"]
@@ -59,6 +67,15 @@ def group_keys(optimizer: Any) -> dict[str, str]:
     keep their decay under "rho")."""
     defaults = getattr(optimizer, "defaults", None) or {}
     return {key: f"vasso_{key}" if key in defaults else key for key in ("rho", "adversary", "adaptive")}
+
+
+def _checked(name: str, check: Callable[[Any], Any], doc: str) -> property:
+    """An attribute stored as `_<name>`, passed through `check` (which raises `ValueError`) when it is set."""
+
+    def set_checked(self: Any, value: Any) -> None:
+        setattr(self, f"_{name}", check(value))
+
+    return property(lambda self: getattr(self, f"_{name}"), set_checked, doc=doc)
 
 
 class VassoUpdate:
@@ -113,9 +130,9 @@ class VassoUpdate:
         adaptive: bool | None = None,
         param_names: list[str] | Callable[[torch.Tensor], str] | None = None,
     ) -> None:
-        self._rho, self._theta, self._adversary_prob = check_hyperparameters(rho, theta, adversary_prob)
+        self.rho, self.theta, self.adversary_prob = check_hyperparameters(rho, theta, adversary_prob)
         self.seed = check_seed(seed)
-        self._adversary = resolve_adversary(adversary, adaptive)
+        self.adversary = resolve_adversary(adversary, adaptive)
         if isinstance(params, torch.optim.Optimizer):
             self._optimizer, self._own_groups, self.keys = params, None, group_keys(params)
         else:
@@ -134,44 +151,11 @@ class VassoUpdate:
         self._moved = torch.zeros((), dtype=torch.bool, device=self.layout.device)
         self._guard_pending = False
 
-    # ------------------------------------------------------------------ the defaults, checked where they are set
-
-    @property
-    def rho(self) -> float:
-        """ρ of the groups without their own, >= 0; may be changed between steps (a ρ schedule)."""
-        return self._rho
-
-    @rho.setter
-    def rho(self, value: float) -> None:
-        self._rho = check_rho(value)
-
-    @property
-    def theta(self) -> float:
-        """θ, the weight of the newest gradient in d, in (0, 1]; may be changed between steps."""
-        return self._theta
-
-    @theta.setter
-    def theta(self, value: float) -> None:
-        _, self._theta, _ = check_hyperparameters(self._rho, value, self._adversary_prob)
-
-    @property
-    def adversary_prob(self) -> float:
-        """p, the probability of an adversary step, in [0, 1]; may be changed between steps."""
-        return self._adversary_prob
-
-    @adversary_prob.setter
-    def adversary_prob(self, value: float) -> None:
-        _, _, self._adversary_prob = check_hyperparameters(self._rho, self._theta, value)
-
-    @property
-    def adversary(self) -> str:
-        """The geometry of the groups without their own, a registered name; set by name or alias ("sam",
-        "adaptive"; None is "vasso"), between steps."""
-        return self._adversary
-
-    @adversary.setter
-    def adversary(self, value: str | None) -> None:
-        self._adversary = resolve_adversary(value)
+    # The defaults of groups without their own, changeable between steps and checked where they are set.
+    rho = _checked("rho", check_rho, "ρ, >= 0 (a ρ schedule may change it between steps).")
+    theta = _checked("theta", check_theta, "θ, the weight of the newest gradient in d, in (0, 1].")
+    adversary_prob = _checked("adversary_prob", check_adversary_prob, "p, the probability of an adversary step.")
+    adversary = _checked("adversary", resolve_adversary, 'The geometry: a registered name or alias ("sam", ...).')
 
     # ------------------------------------------------------------------ the parameters and their groups
 
@@ -311,9 +295,7 @@ class VassoUpdate:
         finite = torch.isfinite(g_sq.sum())
         previous = [(c.d_sq, c.initialized) for c in self.layout.cohorts]
         dots = self._dots_with_d(grads) if self._cosine() and self.theta == 1.0 else None
-        # Without a loss scaler a non-finite pass-1 gradient is zeroed in place: pass 2 replaces it on an adversary
-        # step, and on a step without one the base step then sees zeros, never a non-finite value. With a scaler it
-        # is kept (staged) for the scaler to skip that step.
+        # A non-finite g never reaches a base step: zeroed in place, or kept for the scaler to skip that step.
         self._fold_ema(grads, finite, inv, in_place=perturbing or grad_scale is None)
         d_sq = self.layout.cohort_sums([torch.linalg.vector_norm(b.d_flat).square() for b in self.layout.buckets])
         for c, value in zip(self.layout.cohorts, d_sq):
@@ -410,7 +392,10 @@ class VassoUpdate:
         """Add this step's gradient norm, ‖d‖, cosine and finiteness to the metric window, by name."""
         grad_norm = g_sq.sum().sqrt() if inv is None else g_sq.sum().sqrt() * inv
         has_d = torch.stack([c.initialized for c in self.layout.cohorts]).any()
-        cos, cos_valid = self._cosine_stats(g_sq, d_sq, previous, dots, inv, finite)
+        if self._cosine():
+            cos, cos_valid = consecutive_cosine(self.theta, g_sq, d_sq, previous, dots, inv, finite)
+        else:  # absent (count 0) when ε is not ∝ d (ASAM, per-group ρ)
+            cos, cos_valid = torch.zeros_like(finite, dtype=torch.float32), torch.zeros_like(finite)
         self._window.add(
             steps=1.0,
             grad_norm=torch.where(finite, grad_norm, 0.0),
@@ -420,25 +405,6 @@ class VassoUpdate:
             cos_count=cos_valid.float(),
             nonfinite=(~finite).float(),
         )  # "moved" is added by perturb(): only steps that perturb can move the weights
-
-    def _cosine_stats(self, g_sq, d_sq, previous, dots, inv, finite):
-        """cos(d_t, d_{t-1}) without keeping d_{t-1}: <d_t, d_{t-1}> follows from squared norms for θ < 1,
-        (‖d_t‖² + (1-θ)²‖d_{t-1}‖² - θ²‖g‖²) / (2(1-θ)), and from <g, d_{t-1}> for θ = 1. A cohort on its first
-        step had no d_{t-1} and contributes 0. Absent (count 0) when ε is not ∝ d (ASAM, per-group ρ)."""
-        if not self._cosine():
-            return torch.zeros_like(finite, dtype=torch.float32), torch.zeros_like(finite)
-        theta = self.theta
-        inv_sq = 1.0 if inv is None else inv * inv
-        inner = torch.zeros((), device=self.layout.device)
-        for i, (d_sq_prev, was_initialized) in enumerate(previous):
-            if theta == 1.0:
-                term = dots[i] * (1.0 if inv is None else inv)
-            else:
-                term = (d_sq[i] + (1 - theta) ** 2 * d_sq_prev - theta**2 * g_sq[i] * inv_sq) / (2 * (1 - theta))
-            inner = inner + torch.where(was_initialized, term, 0.0)
-        denom = d_sq.sum().sqrt() * torch.stack([p for p, _ in previous]).sum().sqrt()
-        valid = finite & (denom > 0)
-        return torch.where(valid, inner / denom, 0.0).clamp(-1.0, 1.0), valid
 
     @torch.no_grad()
     def perturb(self) -> None:
