@@ -27,10 +27,11 @@ same round).
 Streamed passes: one step run under `PassCounter`, a `TorchDispatchMode` that adds up, for every aten op, the
 elements each tensor operand reads and each result or mutated operand writes (views and scalars move nothing;
 `copy_`/`zero_`/`fill_` and `out=` write without reading; `masked_fill_` on CPU reads only its mask and writes only
-where it is set); divided by the trainable elements that is the number of tensor-sized passes one step streams (and,
-divided by the trainable bytes, its bytes in units of the weights). The floor for exact restore with the non-finite
-guards is about 10 passes: the EMA fused with its norm (read d and g, write d: 3), the save (2), the perturbation (3),
-the restore (2).
+where it is set); a second count takes hf_vasso's accelerator branches and counts `masked_fill_` as a GPU kernel
+streams it (all of the tensor read and written). Divided by the trainable elements that is the number of
+tensor-sized passes one step streams (and, divided by the trainable bytes, its bytes in units of the weights). The
+floor for exact restore with the non-finite guards is about 10 passes: the EMA fused with its norm (read d and g,
+write d: 3), the save (2), the perturbation (3), the restore (2).
 
 Memory: one runner built and stepped twice under the torch profiler with `profile_memory=True`
 (`tests/helpers.py::allocated_per_phase`); the CPU allocator reports every allocation and free with its running
@@ -282,10 +283,12 @@ def _elements(t: torch.Tensor) -> int:
 
 
 class PassCounter(TorchDispatchMode):
-    """Adds up the elements and bytes every aten op reads and writes (see the module docstring)."""
+    """Adds up the elements and bytes every aten op reads and writes (see the module docstring); `accelerator`
+    counts `masked_fill_` as a GPU's kernel streams it (the whole tensor read and written, the mask set or not)."""
 
-    def __init__(self) -> None:
+    def __init__(self, accelerator: bool = False) -> None:
         super().__init__()
+        self.accelerator = accelerator
         self.elements = 0
         self.bytes = 0
         self.ops: dict[str, int] = {}
@@ -309,8 +312,10 @@ class PassCounter(TorchDispatchMode):
             return out
         before = self.elements
         if name == "masked_fill_":
-            # The CPU kernel reads only the mask and writes only where it is set (a GPU's reads and writes all).
-            if bool(args[1].any()):
+            # The CPU kernel reads only the mask and writes only where it is set; a GPU's reads and writes all.
+            if self.accelerator:
+                self._add(args[:1] * 2)
+            elif bool(args[1].any()):
                 self._add(args[:1])
             self.ops[name] = self.ops.get(name, 0) + self.elements - before
             return out
@@ -331,9 +336,19 @@ class PassCounter(TorchDispatchMode):
         return out
 
 
-def count_passes(runner, params, g, h) -> PassCounter:
-    with PassCounter() as counter:
-        step(runner, params, g, h)
+def count_passes(runner, params, g, h, accelerator: bool = False) -> PassCounter:
+    """One step's traffic; `accelerator` takes hf_vasso's accelerator branches on these CPU tensors (no CPU plan) and
+    counts `masked_fill_` as a GPU streams it: the passes a GPU step would stream, aten op by aten op."""
+    from hf_vasso import ops
+
+    cpu_plan = set(ops.CPU_PLAN_DEVICES)
+    if accelerator:
+        ops.CPU_PLAN_DEVICES.clear()
+    try:
+        with PassCounter(accelerator) as counter:
+            step(runner, params, g, h)
+    finally:
+        ops.CPU_PLAN_DEVICES.update(cpu_plan)
     return counter
 
 
@@ -443,11 +458,12 @@ def run_config(workload, build, dtype, geometry, rounds, device, rng) -> list[di
 
     memory = {n: measure_memory(n, params, g, h, adaptive, device) for n in names}
     runners = {n: Runner(n, params, adaptive) for n in names}
-    passes = {}
+    passes, accelerator_passes = {}, {}
     for n, runner in runners.items():
         for _ in range(2):  # warm-up: lazy state, allocations
             timed_step(runner, params, g, h, device)
         passes[n] = count_passes(runner, params, g, h)
+        accelerator_passes[n] = count_passes(runner, params, g, h, accelerator=True)
     times = {n: [] for n in names}
     for _ in range(rounds):
         order = list(names)
@@ -476,6 +492,8 @@ def run_config(workload, build, dtype, geometry, rounds, device, rng) -> list[di
                 "ratio_to_fastest_peer": round(statistics.median(ratios), 3),
                 "passes": round(passes[n].elements / numel, 2),
                 "bytes_streamed_x": round(passes[n].bytes / param_bytes, 2),
+                "passes_accelerator": round(accelerator_passes[n].elements / numel, 2),
+                "bytes_streamed_accelerator_x": round(accelerator_passes[n].bytes / param_bytes, 2),
                 "state_bytes": held,
                 "state_x": round(held / param_bytes, 3),
                 "state_bytes_reported": own,
@@ -524,6 +542,13 @@ def ops_per_step() -> list[dict]:
 # ------------------------------------------------------------------ report
 
 
+def _span(rows, key) -> str:
+    """`key`'s range over VASSO's plain fp32 rows, as "a" or "a–b"."""
+    mine = [r for r in rows if (r["implementation"], r["dtype"], r["geometry"]) == (OURS, "fp32", "plain")]
+    values = sorted({r[key] for r in mine})
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]}–{values[-1]}"
+
+
 def markdown(rows, info, cmd, ops=None) -> str:
     lines = [
         "# Bookkeeping between the passes: hf_vasso against the official VaSSO operations and pytorch_optimizer's SAM",
@@ -543,17 +568,22 @@ def markdown(rows, info, cmd, ops=None) -> str:
         "<= 1.0). Passes = elements read + written by the step's aten ops over the trainable elements (floor with "
         f"exact restore: about {FLOOR_PASSES}: the EMA fused with its norm 3, the save 2, the perturbation 3, the "
         f"restore 2; {FLOOR_PASSES + 2} with the reads of the two non-finite checks, see below); bytes = bytes read "
-        "+ written over the trainable bytes (d in fp32 counts double for bf16 weights).",
+        "+ written over the trainable bytes (d in fp32 counts double for bf16 weights). `on an accelerator`: the same "
+        "step through hf_vasso's accelerator branches (forced on these CPU tensors), each aten op counted as a GPU "
+        "kernel streams it: there the non-finite clean (`masked_fill_` with a 0-d mask, `out = mask ? 0 : self`) "
+        "reads and writes the whole gradient on every step, finite or not, 2 passes per guard, which a CPU's kernel "
+        "skips; the peers have no device branch.",
         "",
         "| workload | dtype | geometry | tensors | params (M) | implementation | median ms | ratio to fastest peer "
-        "| passes | bytes streamed |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| passes | bytes streamed | passes on an accelerator | bytes on an accelerator |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['dtype']} | {r['geometry']} | {r['tensors']} | {r['params_M']} | "
             f"{r['implementation']} | {r['median_ms']} | {r['ratio_to_fastest_peer']} ({r['fastest_peer']}) | "
-            f"{r['passes']} | {r['bytes_streamed_x']}x |"
+            f"{r['passes']} | {r['bytes_streamed_x']}x | {r['passes_accelerator']} | "
+            f"{r['bytes_streamed_accelerator_x']}x |"
         )
     lines += [
         "",
@@ -566,8 +596,10 @@ def markdown(rows, info, cmd, ops=None) -> str:
         "pass-2 check 1. That is 12 for fp32 weights and 15 for bf16. With d in fp32 (a bf16 EMA stalls: "
         "docs/design.md) and both non-finite guards, no implementation streams fewer bytes than the official "
         "operations for bf16 weights; for fp32 the floor is below 14, but only with fused kernels (the EMA and its "
-        "norm in one pass, the clean inside the copy), which eager PyTorch does not have: each op streams its "
-        "operands again. Each part of a step timed alone (plain geometry, the same rounds):",
+        "norm in one pass, the clean inside the check), which eager PyTorch does not have: each op streams its "
+        "operands again, and on an accelerator each clean streams the gradient twice more (VASSO's plain fp32 "
+        f"rows: {_span(rows, 'passes_accelerator')} passes there, {_span(rows, 'passes')} on a CPU). Each part of a "
+        "step timed alone (plain geometry, the same rounds):",
         "",
         "| workload | dtype | part of the step | VASSO ms | official ops ms |",
         "| --- | --- | --- | --- | --- |",

@@ -93,7 +93,8 @@ def resolve_adversary(adversary: Any = None, adaptive: Any = None, default: str 
     an alias of "asam") select; `default` when neither is given. The one place a selection is read and checked.
 
     Raises:
-        ValueError: an unknown name, a non-bool `adaptive`, or `adaptive=True` with another geometry's name.
+        ValueError: an unknown name, a non-bool `adaptive`, `adaptive=True` with another geometry's name, or
+            `adaptive=False` with ASAM's.
     """
     if adaptive is not None and not (isinstance(adaptive, bool) or type(adaptive).__name__ == "bool_"):
         raise ValueError(f"adaptive={adaptive!r} is invalid: pass True (ASAM's adversary) or False (VASSO's).")
@@ -109,6 +110,11 @@ def resolve_adversary(adversary: Any = None, adaptive: Any = None, default: str 
         raise ValueError(
             f"adaptive=True selects ASAM's adversary but adversary={adversary!r} was given too: pass one of them "
             "(adversary='asam' is the same as adaptive=True)."
+        )
+    if adaptive is not None and not adaptive and name == "asam":
+        raise ValueError(
+            f"adaptive=False contradicts adversary={adversary!r} (adaptive=True is ASAM's switch): drop adaptive, or "
+            "pick another adversary."
         )
     return name
 

@@ -47,8 +47,9 @@ class VassoArguments:
             (Kwon et al., ICML 2021), `ε = ρ·T²d/‖T·d‖` with `T = |w|` elementwise (the convention of davda54/sam and
             pytorch_optimizer, with `d` in place of the gradient); or any name registered with
             `hf_vasso.adversary.register_geometry`. A param group's own `"adversary"` key overrides it.
-        adaptive (`bool`, *optional*, defaults to `False`):
-            davda54/sam's and pytorch_optimizer's switch, kept as an alias: `adaptive=True` is `adversary="asam"`.
+        adaptive (`bool`, *optional*):
+            davda54/sam's and pytorch_optimizer's switch, kept as an alias: `adaptive=True` is `adversary="asam"`;
+            `False` beside `adversary="asam"` is refused. After construction it reads `adversary == "asam"`.
 
     Example:
 
@@ -95,9 +96,14 @@ class VassoArguments:
             "rho * |w|^2 d / || |w| d ||, Kwon et al., 2021), or a name registered with register_geometry."
         },
     )
-    adaptive: bool = field(
-        default=False,
-        metadata={"help": "Alias of --adversary asam (davda54/sam's and pytorch_optimizer's switch)."},
+    adaptive: bool | None = field(
+        default=None,
+        # nargs/const: a bare --adaptive still means True (HfArgumentParser adds them only for a non-None default)
+        metadata={
+            "help": "Alias of --adversary asam (davda54/sam's and pytorch_optimizer's switch).",
+            "nargs": "?",
+            "const": True,
+        },
     )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from .module_state import BufferSnapshot
 from .rules import refuse_accelerate_accumulation, refuse_repeated_tensors, refuse_step_without_first_step
+from .sharding import local
 from .update import VassoUpdate
 
 
@@ -284,8 +285,12 @@ class VASSO(torch.optim.Optimizer):
 
     def _is_state_initialisation(self) -> bool:
         """torch.distributed.checkpoint's `get/set_optimizer_state_dict` build a fresh optimizer's state by calling
-        `step()` on zero gradients with every lr set to 0 (`_init_optim_state`): a base step that moves nothing."""
-        return not self.state and all(float(g.get("lr", 1.0)) == 0.0 for g in self.param_groups)
+        `step()` on zero gradients with every lr set to 0 (`_init_optim_state`): a base step that moves nothing.
+        The gradients (each rank its shard) are read, a host sync, only on this path, which otherwise refuses."""
+        if self.state or any(float(g.get("lr", 1.0)) != 0.0 for g in self.param_groups):
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return not any(bool(local(grad).any()) for grad in grads)
 
     def state_dict(self) -> dict[str, Any]:
         state = self.base_optimizer.state_dict()

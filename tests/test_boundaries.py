@@ -105,10 +105,12 @@ def test_the_wrapper_state_travels_through_torch_distributed_checkpoint_helpers(
         assert torch.equal(a, b), name
 
 
-def test_step_without_first_step_is_still_refused_outside_state_initialisation():
-    """The allowance for torch's state initialisation (every lr 0, no state yet) does not let a one-pass loop pass."""
+@pytest.mark.parametrize("lr", [1e-2, 0.0])
+def test_step_without_first_step_is_still_refused_outside_state_initialisation(lr):
+    """The allowance for torch's state initialisation (every lr 0, no state yet, every gradient zero) does not let a
+    one-pass loop pass, not even on the first step of a warm-up that starts at lr 0."""
     model = make_model()
-    optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=lr))  # SGD without momentum keeps no state
     x, y = make_data()
     model(x, labels=y)["loss"].backward()
     with pytest.raises(ValueError, match="without a closure and without first_step"):

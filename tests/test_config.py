@@ -40,6 +40,28 @@ def test_defaults(tmp_path):
     assert (args.rho, args.theta, args.adversary_prob, args.sync_adversary) == (0.05, 0.4, 1.0, True)
 
 
+def test_adaptive_false_beside_asam_is_refused_in_both_front_ends(tmp_path):
+    """`adaptive=False` says "not ASAM": given explicitly beside `adversary="asam"` it contradicts it."""
+    message = "adaptive=False contradicts adversary='asam'"
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, adversary="asam", adaptive=False)
+    with pytest.raises(ValueError, match=message):
+        VASSO(torch.optim.SGD(make_model().parameters(), lr=0.1), adversary="asam", adaptive=False)
+    parser = HfArgumentParser(VassoConfig)
+    with pytest.raises(ValueError, match=message):
+        parser.parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--adversary", "asam", "--adaptive", "false"]
+        )
+    # Either alone, or the two agreeing, is accepted, and the alias ends consistent with the name.
+    for kwargs, name in [({"adversary": "asam"}, "asam"), ({"adaptive": False}, "vasso"), ({"adaptive": True}, "asam"),
+                         ({"adversary": "asam", "adaptive": True}, "asam"), ({}, "vasso")]:  # fmt: skip
+        args = config(tmp_path, **kwargs)
+        assert (args.adversary, args.adaptive) == (name, name == "asam")
+    for flags in (["--adversary", "asam"], ["--adaptive"], ["--adaptive", "true"]):  # a bare --adaptive is True
+        (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), *flags])
+        assert (args.adversary, args.adaptive) == ("asam", True)
+
+
 def test_deepspeed_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="cannot run under DeepSpeed.*FSDP2"):
         config(tmp_path, deepspeed={"zero_optimization": {"stage": 2}})

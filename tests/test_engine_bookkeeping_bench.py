@@ -5,9 +5,8 @@ whose counts are known: 14 passes a step, the EMA and e_w kept (2x the weights).
 import json
 
 import pytest
+import torch
 from helpers import assert_provenance, run_quick
-
-pytestmark = pytest.mark.slow
 
 WORKLOADS = {"LoRA r=8, 24-layer tiny Llama", "full tiny Llama", "ViT-Base size"}
 EXPECTED = {
@@ -19,6 +18,19 @@ EXPECTED = {
 }
 
 
+@pytest.mark.parametrize("accelerator, passes", [(False, 0), (True, 2)])
+def test_pass_counter_streams_masked_fill_as_the_device_does(accelerator, passes):
+    """A `masked_fill_` whose 0-d mask is not set writes nothing on a CPU; a GPU's kernel reads and writes the whole
+    tensor (`out = mask ? value : self`), so the accelerators' count has it as two passes."""
+    from bookkeeping import PassCounter
+
+    t = torch.ones(1000)
+    with PassCounter(accelerator=accelerator) as counter:
+        t.masked_fill_(torch.zeros((), dtype=torch.bool), 0)
+    assert counter.elements == passes * t.numel()
+
+
+@pytest.mark.slow
 def test_bookkeeping_quick(tmp_path):
     out = str(tmp_path)
     run_quick("benchmarks/bookkeeping.py", out)
@@ -43,6 +55,12 @@ def test_bookkeeping_quick(tmp_path):
     for r in rows:
         assert r["median_ms"] > 0 and r["ratio_to_fastest_peer"] > 0
         assert r["passes"] > 0 and r["bytes_streamed_x"] > 0
+        if r["implementation"] == "VASSO":
+            assert r["passes_accelerator"] > 0 and r["bytes_streamed_accelerator_x"] > 0
+            if r["dtype"] == "fp32":  # the same ops on both branches, but the clean streams g and h: 2 passes each
+                assert r["passes_accelerator"] == pytest.approx(r["passes"] + 4, abs=0.05)
+        else:  # no device branch
+            assert (r["passes_accelerator"], r["bytes_streamed_accelerator_x"]) == (r["passes"], r["bytes_streamed_x"])
         assert r["state_x"] >= 0 and r["peak_extra_x"] >= r["state_x"]
         assert r["state_x"] == pytest.approx(r["state_bytes"] / r["trainable_bytes"], abs=1e-3)
         assert r["peak_extra_x"] == pytest.approx(r["peak_extra_bytes"] / r["trainable_bytes"], abs=1e-3)

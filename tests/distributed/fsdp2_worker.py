@@ -12,7 +12,8 @@ Every rank checks, with the sharded tensors gathered by `full_tensor()`:
 - the pass-2 gradients match, the restored weights are bit-identical to the weights before the perturbation, and the
   SGD steps keep both models equal;
 - the per-rank VASSO state (`state_dict`, one file per rank) reloads into a fresh `VassoUpdate` with the same d, norm
-  and step.
+  and step;
+- the `VASSO` wrapper's state saved and loaded by torch's distributed-checkpoint helpers continues bit for bit.
 Rank 0 writes `<out>/fsdp2_ok.json` with what it measured; any mismatch raises (non-zero exit).
 
 Usage: torchrun --nproc_per_node 2 fsdp2_worker.py OUT_DIR
@@ -58,6 +59,47 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = 1e-6) -> fl
     return err
 
 
+def shard(model: nn.Module, mesh) -> nn.Module:
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def wrapper_through_dcp(reference: nn.Module, mesh, x: torch.Tensor, y: torch.Tensor) -> int:
+    """The `VASSO` wrapper over an FSDP2 model saved and loaded by torch's distributed-checkpoint helpers (what FSDP2
+    checkpoints use; `set_optimizer_state_dict` first calls `step()` on zero gradients at lr 0 to build the state):
+    the loaded twin continues bit for bit. Returns the steps run after the load."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from hf_vasso import VASSO
+
+    def step(model, optimizer):
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.second_step(zero_grad=True)
+
+    model = shard(copy.deepcopy(reference), mesh)
+    optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=1e-2), rho=RHO, theta=THETA)
+    for _ in range(2):
+        step(model, optimizer)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer))
+    twin = shard(copy.deepcopy(reference), mesh)
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = VASSO(torch.optim.AdamW(twin.parameters(), lr=1e-2), rho=RHO, theta=THETA)
+    set_optimizer_state_dict(twin, twin_optimizer, saved)
+    assert twin_optimizer.vasso.step == 2, "the DCP load lost the VASSO step"
+    for a, b in zip(optimizer.vasso.d, twin_optimizer.vasso.d):
+        assert torch.equal(a, b), "the DCP load lost d"
+    for _ in range(2):
+        step(model, optimizer)
+        step(twin, twin_optimizer)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a.to_local(), b.to_local()), "the twin loaded through DCP diverged"
+    return 2
+
+
 def main() -> None:
     out_dir = sys.argv[1]
     torch.set_num_threads(1)
@@ -67,11 +109,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1))
-    sharded = copy.deepcopy(reference)
-    for layer in sharded:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(sharded, mesh=mesh)
+    sharded = shard(copy.deepcopy(reference), mesh)
     params_ref, params_sh = list(reference.parameters()), list(sharded.parameters())
     assert all(isinstance(p, DTensor) for p in params_sh)
     assert any(p.to_local().numel() == 0 for p in params_sh) == (rank == world - 1), "expected empty shards"
@@ -149,6 +187,8 @@ def main() -> None:
     for a, b in zip(reloaded.d, vasso_sh.d):
         assert torch.equal(a, b), "reloaded d differs"
     close(reloaded.d_sq, vasso_sh.d_sq, "reloaded ||d||^2 (all-reduced)", atol=0.0)
+
+    report["dcp_round_trip_steps"] = wrapper_through_dcp(reference, mesh, x_local, y_local)
 
     if rank == 0:
         with open(os.path.join(out_dir, "fsdp2_ok.json"), "w") as f:

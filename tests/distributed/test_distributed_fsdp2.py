@@ -22,6 +22,7 @@ def test_fsdp2_global_norm_perturbation_and_exact_restore(tmp_path):
     torchrun("fsdp2_worker.py", str(tmp_path))
     report = json.loads((tmp_path / "fsdp2_ok.json").read_text())
     assert report["world_size"] == 2 and len(report["steps"]) == 3
+    assert report["dcp_round_trip_steps"] == 2
     for step in report["steps"]:
         assert step["d_norm_sharded"] == pytest.approx(step["d_norm"], rel=1e-5)
         assert step["eps_norm"] == pytest.approx(0.05, rel=1e-5)
