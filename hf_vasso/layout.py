@@ -18,10 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .rules import refuse_no_trainable_parameter, refuse_several_devices, refuse_sparse_gradient
+from .rules import (
+    SUPPORTED_DTYPES,
+    refuse_no_trainable_parameter,
+    refuse_several_devices,
+    refuse_sparse_gradient,
+    refuse_unsupported_dtype,
+)
 from .sharding import ShardReduction, check_gradient_layout, local
 
 
@@ -130,11 +137,15 @@ class Layout:
 
         Raises:
             NotImplementedError: the parameters live on several devices.
+            TypeError: a parameter's dtype is not float32, bfloat16 or float16.
         """
         order = [i for c in cohorts for i in c.indices]
         devices = {local(self.params[i]).device for i in order}
         if len(devices) > 1:
             refuse_several_devices(devices)
+        for i in order:
+            if self.params[i].dtype not in SUPPORTED_DTYPES:
+                refuse_unsupported_dtype(self._name(i), self.params[i].dtype)
         members: dict[tuple, list[int]] = {}
         for k, c in enumerate(cohorts):
             for i in c.indices:
@@ -155,9 +166,15 @@ class Layout:
         self.cohorts = cohorts
         self.active = order
         active = set(order)
+        self._group_of = list(group_of)
         self._key = (self._placement([i in active for i in range(len(self.params))]), tuple(group_of))
         self.version += 1
         self.refresh_d_sq()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled tensors no longer view one buffer (pickle keeps no views): lay d out again from its values."""
+        self.__dict__.update(state)
+        self.build(self.cohorts, dict(enumerate(self.d)), self._group_of)
 
     def refresh_d_sq(self) -> None:
         """Recompute each cohort's ‖d‖² (summed over ranks) from d."""

@@ -108,3 +108,14 @@ def consecutive_cosine(theta, g_sq, d_sq, previous, dots, inv, finite) -> tuple[
     denom = d_sq.sum().sqrt() * torch.stack([p for p, _ in previous]).sum().sqrt()
     valid = finite & (denom > 0)
     return torch.where(valid, inner / denom, 0.0).clamp(-1.0, 1.0), valid
+
+
+def dots_with_d(layout, grads: list[list]) -> torch.Tensor:
+    """<g, d_{t-1}> per cohort of `layout` (summed over ranks), for the cosine at θ = 1 (where d_t = g_t); `grads`
+    holds each bucket's gradients (None where a tensor has none)."""
+    zero = torch.zeros((), device=layout.device)
+    per_bucket = [
+        sum((torch.vdot(g.reshape(-1).float(), d.reshape(-1)) for g, d in zip(gs, b.d) if g is not None), zero)
+        for b, gs in zip(layout.buckets, grads)
+    ]
+    return layout.cohort_sums(per_bucket)

@@ -14,7 +14,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .module_state import BufferSnapshot
-from .rules import refuse_accelerate_accumulation, refuse_repeated_tensors, refuse_step_without_first_step
+from .rules import (
+    refuse_accelerate_accumulation,
+    refuse_repeated_tensors,
+    refuse_scaler_step_while_perturbed,
+    refuse_step_without_first_step,
+)
 from .sharding import local
 from .update import VassoUpdate
 
@@ -151,6 +156,7 @@ class VASSO(torch.optim.Optimizer):
         super().__init__(list(self.vasso.params), dict(base_optimizer.defaults))
         self._shared = True  # from here on, param_groups, state and defaults are the base optimizer's own
         self._grad_scale: torch.Tensor | None = None
+        self._scale_at_first_step: torch.Tensor | None = None  # its value then: a lower scale now means a skip
         # Host-side bookkeeping of the call order (no device sync): whether first_step ran since the last base step.
         self._first_step_done = False
 
@@ -160,6 +166,13 @@ class VASSO(torch.optim.Optimizer):
     param_groups = _through_base("param_groups")
     state = _through_base("state")
     defaults = _through_base("defaults")
+
+    # torch's Optimizer pickles only defaults, state and param_groups; the wrapper is its base optimizer and engine.
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the base optimizer, which VASSO follows (unfreezing a head mid-run, davda54/sam#65).
@@ -201,8 +214,13 @@ class VASSO(torch.optim.Optimizer):
         Raises:
             ValueError: the Accelerator accumulates gradients itself (`gradient_accumulation_steps` > 1), or the
                 scaler already unscaled this step's gradients (`scaler.unscale_` before `first_step`).
-            RuntimeError: `first_step` already ran since the last base step (`second_step` or `step`).
+            RuntimeError: `first_step` already ran since the last base step (`second_step` or `step`; a step the
+                GradScaler skipped counts as taken), or, with a scaler, the last step reached `scaler.step` without
+                `restore()` (the weights are restored first).
         """
+        self._refuse_perturbed_under_scaler()
+        if self._first_step_done and self._skipped_by_scaler():
+            self._first_step_done = False  # the scaler skipped the base step (an overflow): this step takes it up
         if self._first_step_done:
             why = (
                 "the weights are still perturbed, and a second perturbation would lose the saved copy of them"
@@ -226,6 +244,7 @@ class VASSO(torch.optim.Optimizer):
         adversary = self.vasso.is_adversary_step()
         # Kept for the pass-2 guard: with a scaler, a non-finite pass-2 gradient is the scaler's to skip.
         self._grad_scale = grad_scaler._scale if grad_scaler is not None and grad_scaler.is_enabled() else None
+        self._scale_at_first_step = None if self._grad_scale is None else self._grad_scale.clone()
         self.vasso.absorb_gradient(self._grad_scale, perturbing=adversary)
         self._first_step_done = True
         if not adversary:
@@ -263,6 +282,7 @@ class VASSO(torch.optim.Optimizer):
         the whole VASSO step. Returns the closure's loss, or None when eVASSO skipped pass 2.
         """
         if closure is None:
+            self._refuse_perturbed_under_scaler()
             if not self._first_step_done:
                 if self._is_state_initialisation():
                     return self.base_optimizer.step()
@@ -282,6 +302,20 @@ class VASSO(torch.optim.Optimizer):
         self._first_step_done = False
         self.base_optimizer.step()
         return loss
+
+    def _refuse_perturbed_under_scaler(self) -> None:
+        """With a GradScaler the weights must be restored before `scaler.step`, which skips an overflowing step
+        without calling the optimizer: still perturbed here, they are put back and the loop is refused."""
+        if self._first_step_done and self._grad_scale is not None and self.vasso.perturbed:
+            self.restore()
+            refuse_scaler_step_while_perturbed()
+
+    def _skipped_by_scaler(self) -> bool:
+        """Whether the GradScaler given to the last `first_step` skipped the base step since: its scale is lower
+        (`update()` lowers it only after an overflow, on which `scaler.step()` does not call the optimizer). One host
+        sync, on this path only."""
+        scale, then = self._grad_scale, self._scale_at_first_step
+        return scale is not None and then is not None and bool(scale < then)
 
     def _is_state_initialisation(self) -> bool:
         """torch.distributed.checkpoint's `get/set_optimizer_state_dict` build a fresh optimizer's state by calling

@@ -14,6 +14,7 @@ import math
 import numbers
 import operator
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,6 +35,15 @@ def _real(name: str, value: Any, hint: str) -> float:
         raise ValueError(f"{name}={value!r} is invalid: {name} must be a real number, not {type(value).__name__} "
                          f"({hint}).")  # fmt: skip
     return float(value)
+
+
+def checked_attribute(name: str, check: Callable[[Any], Any], doc: str) -> property:
+    """An attribute stored as `_<name>`, passed through `check` (which raises `ValueError`) when it is set."""
+
+    def set_checked(self: Any, value: Any) -> None:
+        setattr(self, f"_{name}", check(value))
+
+    return property(lambda self: getattr(self, f"_{name}"), set_checked, doc=doc)
 
 
 def check_hyperparameters(rho: Any, theta: Any, adversary_prob: Any) -> tuple[float, float, float]:
@@ -268,7 +278,19 @@ def refuse_accelerate_accumulation(steps: int) -> None:
         "accelerator.backward divides every loss by K a second time. Accumulate by hand instead, with an "
         "Accelerator created without gradient_accumulation_steps: run pass 1 over all K micro-batches (loss / K, "
         "accelerator.no_sync(model) on all but the last), call first_step() once, run pass 2 over the same K "
-        "micro-batches, then restore() and the optimizer step (the README's accumulation recipe)."
+        "micro-batches, then restore() and the optimizer step (the README's accumulation recipe). Accelerate keeps "
+        "this setting process-wide, and it outlives its Accelerator: if that Accelerator is gone (a notebook cell "
+        "run earlier), an Accelerator() made without gradient_accumulation_steps clears it."
+    )
+
+
+def refuse_scaler_step_while_perturbed() -> None:
+    """A GradScaler loop that reached the base step (or the next `first_step`) with the weights still perturbed."""
+    raise RuntimeError(
+        "VASSO: with a GradScaler, call restore() before scaler.step(optimizer). The scaler skips the step on an "
+        "overflow without calling the optimizer, which would leave the perturbed weights x + eps in the model. The "
+        "weights have been restored now. Each step: scaler.scale(loss).backward(); "
+        "first_step(grad_scaler=scaler); the pass-2 backward; restore(); scaler.step(optimizer); scaler.update()."
     )
 
 
@@ -282,6 +304,17 @@ def refuse_several_devices(devices: Any) -> None:
     raise NotImplementedError(
         f"hf_vasso needs every trainable parameter on one device, found {sorted(map(str, devices))}: "
         "a model split over devices (device_map) is not supported; use DDP or FSDP2."
+    )
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def refuse_unsupported_dtype(name: str, dtype: Any) -> None:
+    """Called on a trainable parameter of a dtype VASSO does not keep d for (float64: d is fp32)."""
+    raise TypeError(
+        f"VASSO works on float32, bfloat16 and float16 weights; {name} is {dtype} (d is kept in float32, so x + eps "
+        "would be rounded). Cast the model with model.float(), or train it in bf16 or fp16."
     )
 
 

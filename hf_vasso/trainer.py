@@ -113,6 +113,7 @@ class VassoTrainerMixin:
         self._pending_micro_batches: list[tuple[Any, Any, torch.Tensor]] = []
         self._vasso_deferred_save = False
         self._vasso_geometry_seen: tuple[Any, Any] | None = None  # (adversary, adaptive) as the last step read them
+        self._vasso_written: tuple[VassoUpdate, dict[str, float]] | None = None  # ρ, θ, p the last step gave it
 
     def _vasso_arguments(self, args: Any) -> Any:
         """The arguments with the VASSO fields: `args` itself, or an upgraded copy (see `as_vasso_arguments`)."""
@@ -132,9 +133,12 @@ class VassoTrainerMixin:
     # ------------------------------------------------------------------ the step
 
     def _inner_training_loop(self, *args: Any, **kwargs: Any) -> Any:
-        # Every loop (each train(), each auto_find_batch_size retry) starts with no half-done step.
+        # Every loop (each train(), each auto_find_batch_size retry) starts with no half-done step, and logs only
+        # its own steps, as the Trainer's loss does.
         self._pending_micro_batches = []
         self._vasso_deferred_save = False
+        if self._vasso is not None:
+            self._vasso.clear_metrics()
         return super()._inner_training_loop(*args, **kwargs)
 
     def training_step(
@@ -189,16 +193,36 @@ class VassoTrainerMixin:
         """ρ, θ, p and the default geometry as the arguments say now: a callback may change them between steps (a
         ρ schedule), and each is checked as the configuration checks it, before the step changes anything.
 
-        `adaptive` stays the alias it is in the configuration: changed alone, it selects "asam" (True) or "vasso"
-        (False); changed with `adversary`, the two must agree. Both are then written back consistent.
+        A value set on `trainer.vasso` itself since the last step (as `optimizer.vasso.rho = ...` for the wrapper)
+        is taken and written back to the arguments, which checkpoints save. `adaptive` stays the alias it is in the
+        configuration: changed alone, it selects "asam" (True) or "vasso" (False); changed with `adversary`, the
+        two must agree. Both are then written back consistent.
 
         Raises:
-            ValueError: an invalid value, or `adversary` and `adaptive` both changed and disagreeing.
+            ValueError: an invalid value, `adversary` and `adaptive` both changed and disagreeing, or a value set
+                on both `trainer.args` and `trainer.vasso` since the last step, differently.
         """
         args = self.args
-        vasso.rho, vasso.theta, vasso.adversary_prob = args.rho, args.theta, args.adversary_prob
+        written = self._vasso_written[1] if self._vasso_written and self._vasso_written[0] is vasso else {}
+        for name in ("rho", "theta", "adversary_prob"):
+            on_engine, in_args = getattr(vasso, name), getattr(args, name)
+            if name in written and on_engine != written[name]:
+                if in_args != written[name] and in_args != on_engine:
+                    raise ValueError(
+                        f"{name} was set on both trainer.args ({in_args}) and trainer.vasso ({on_engine}) since the "
+                        f"last step: set one of them (trainer.args.{name} is the one checkpoints save)."
+                    )
+                setattr(args, name, on_engine)
+            setattr(vasso, name, getattr(args, name))
+        self._vasso_written = (vasso, {n: getattr(vasso, n) for n in ("rho", "theta", "adversary_prob")})
         seen = self._vasso_geometry_seen or (args.adversary, args.adaptive)
-        if args.adversary == seen[0] and args.adaptive != seen[1]:
+        if self._vasso_geometry_seen and vasso.adversary != seen[0]:  # set on trainer.vasso
+            if (args.adversary, args.adaptive) != seen:
+                raise ValueError(
+                    f"The geometry was set on both trainer.args ({args.adversary!r}, adaptive={args.adaptive}) and "
+                    f"trainer.vasso ({vasso.adversary!r}) since the last step: set one of them."
+                )
+        elif args.adversary == seen[0] and args.adaptive != seen[1]:
             vasso.adversary = "asam" if args.adaptive else "vasso"
         elif args.adversary != seen[0] and args.adaptive != seen[1]:
             vasso.adversary = resolve_adversary(args.adversary, args.adaptive)

@@ -33,7 +33,7 @@ import torch
 from . import state as state_file
 from .adversary import AdversaryGeometry, geometry, resolve_adversary
 from .layout import Cohort, Layout
-from .metrics import MetricWindow, consecutive_cosine
+from .metrics import MetricWindow, consecutive_cosine, dots_with_d
 from .ops import casts_in_kernel, ema_, sq_norm, words
 from .rules import (
     check_adversary_prob,
@@ -42,6 +42,7 @@ from .rules import (
     check_rho,
     check_seed,
     check_theta,
+    checked_attribute,
     refuse_repeated_tensors,
 )
 from .sharding import ShardReduction, local
@@ -67,15 +68,6 @@ def group_keys(optimizer: Any) -> dict[str, str]:
     keep their decay under "rho")."""
     defaults = getattr(optimizer, "defaults", None) or {}
     return {key: f"vasso_{key}" if key in defaults else key for key in ("rho", "adversary", "adaptive")}
-
-
-def _checked(name: str, check: Callable[[Any], Any], doc: str) -> property:
-    """An attribute stored as `_<name>`, passed through `check` (which raises `ValueError`) when it is set."""
-
-    def set_checked(self: Any, value: Any) -> None:
-        setattr(self, f"_{name}", check(value))
-
-    return property(lambda self: getattr(self, f"_{name}"), set_checked, doc=doc)
 
 
 class VassoUpdate:
@@ -152,10 +144,10 @@ class VassoUpdate:
         self._guard_pending = False
 
     # The defaults of groups without their own, changeable between steps and checked where they are set.
-    rho = _checked("rho", check_rho, "ρ, >= 0 (a ρ schedule may change it between steps).")
-    theta = _checked("theta", check_theta, "θ, the weight of the newest gradient in d, in (0, 1].")
-    adversary_prob = _checked("adversary_prob", check_adversary_prob, "p, the probability of an adversary step.")
-    adversary = _checked("adversary", resolve_adversary, 'The geometry: a registered name or alias ("sam", ...).')
+    rho = checked_attribute("rho", check_rho, "ρ, >= 0 (a ρ schedule may change it between steps).")
+    theta = checked_attribute("theta", check_theta, "θ, the weight of the newest gradient in d, in (0, 1].")
+    adversary_prob = checked_attribute("adversary_prob", check_adversary_prob, "p, the adversary-step probability.")
+    adversary = checked_attribute("adversary", resolve_adversary, 'The geometry: a name or alias ("sam", ...).')
 
     # ------------------------------------------------------------------ the parameters and their groups
 
@@ -294,7 +286,7 @@ class VassoUpdate:
         g_sq = self.layout.cohort_sums([sq_norm(g, self.layout.device) for g in grads])
         finite = torch.isfinite(g_sq.sum())
         previous = [(c.d_sq, c.initialized) for c in self.layout.cohorts]
-        dots = self._dots_with_d(grads) if self._cosine() and self.theta == 1.0 else None
+        dots = dots_with_d(self.layout, grads) if self._cosine() and self.theta == 1.0 else None
         # A non-finite g never reaches a base step: zeroed in place, or kept for the scaler to skip that step.
         self._fold_ema(grads, finite, inv, in_place=perturbing or grad_scale is None)
         d_sq = self.layout.cohort_sums([torch.linalg.vector_norm(b.d_flat).square() for b in self.layout.buckets])
@@ -378,15 +370,6 @@ class VassoUpdate:
         active = {b.group for b in self.layout.buckets}
         one_rho = len({self._rho_of(groups[k]) for k in active}) == 1
         return one_rho and all(geometry(self._adversary_of(groups[k])).eps_parallel_to_d for k in active)
-
-    def _dots_with_d(self, grads: list[list]) -> torch.Tensor:
-        """<g, d_{t-1}> per cohort (summed over ranks), for the cosine at θ = 1 (where d_t = g_t)."""
-        zero = torch.zeros((), device=self.layout.device)
-        per_bucket = [
-            sum((torch.vdot(g.reshape(-1).float(), d.reshape(-1)) for g, d in zip(gs, b.d) if g is not None), zero)
-            for b, gs in zip(self.layout.buckets, grads)
-        ]
-        return self.layout.cohort_sums(per_bucket)
 
     def _record_step(self, g_sq, d_sq, previous, dots, inv, finite) -> None:
         """Add this step's gradient norm, ‖d‖, cosine and finiteness to the metric window, by name."""
@@ -482,6 +465,20 @@ class VassoUpdate:
             self._window.add(sharpness=torch.where(ok, perturbed - clean, 0.0), sharpness_count=ok.float())
 
     # ------------------------------------------------------------------ metrics and state
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.perturbed:
+            raise RuntimeError("VASSO copied or pickled while the weights are perturbed; call restore() first.")
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (deepcopy, pickle) has new tensors in the same order: the signature of ids follows them."""
+        self.__dict__.update(state)
+        self._signature = [id(p) for p in self.params]
+
+    def clear_metrics(self) -> None:
+        """Drop the steps not yet popped (a new training loop reports only its own); no host sync."""
+        self._window = MetricWindow(self.layout.device)
 
     def pop_metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """Averages over the steps since the last call, as `vasso/*` floats; the one host sync of the window.

@@ -248,8 +248,6 @@ def require(module: str, needed_for: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- --help
 
-VASSO_FLAGS = ("rho", "theta", "adversary_prob", "sync_adversary", "adaptive")
-
 
 def vasso_flags_first(parser, config_class: type) -> None:
     """Order `--help` for a reader: a short usage line, VASSO's flags, this recipe's own, then the Trainer's.
@@ -261,6 +259,9 @@ def vasso_flags_first(parser, config_class: type) -> None:
     import argparse
     import dataclasses
 
+    from hf_vasso import VassoArguments
+
+    vasso_fields = {f.name for f in dataclasses.fields(VassoArguments)}
     config_fields = {f.name for f in dataclasses.fields(config_class)}
     groups = {
         "vasso": parser.add_argument_group("VASSO", "What hf_vasso adds (README.md#arguments)."),
@@ -270,11 +271,12 @@ def vasso_flags_first(parser, config_class: type) -> None:
     for action in list(parser._optionals._group_actions):
         if isinstance(action, argparse._HelpAction):
             continue
-        group = "vasso" if action.dest in VASSO_FLAGS else "trainer" if action.dest in config_fields else "recipe"
+        group = "vasso" if action.dest in vasso_fields else "trainer" if action.dest in config_fields else "recipe"
         parser._optionals._group_actions.remove(action)
         groups[group]._group_actions.append(action)
     parser.usage = (
-        "%(prog)s [--rho RHO] [--theta THETA] [--adversary_prob P] [--sync_adversary BOOL] [--adaptive BOOL]\n"
+        "%(prog)s [--rho RHO] [--theta THETA] [--adversary_prob P] [--sync_adversary BOOL] [--adversary NAME] "
+        "[--adaptive [BOOL]]\n"
         "       [this recipe's flags] [Trainer flags]  (all three groups below)"
     )
 
@@ -302,6 +304,7 @@ def write_results(trainer, results: dict) -> dict:
         rho=args.rho,
         theta=args.theta,
         adversary_prob=args.adversary_prob,
+        adversary=args.adversary,
         global_steps=trainer.state.global_step,
         num_processes=trainer.accelerator.num_processes,
         log_history=trainer.state.log_history,

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     say(
         f"\nHeld-out loss {before:.3f} -> {after:.3f} (perplexity {math.exp(before):.1f} -> {math.exp(after):.1f}) "
         f"on {len(dataset['eval'])} held-out pairs of {source}; {model_desc} + LoRA r={model_args.lora_r}, "
-        f"VASSO rho={training_args.rho} theta={training_args.theta} adversary_prob={training_args.adversary_prob}, "
+        f"VASSO rho={training_args.rho} theta={training_args.theta} adversary_prob={training_args.adversary_prob} "
+        f"adversary={training_args.adversary}, "
         f"{trainer.state.global_step} steps in {results['seconds']:.0f} s. Adapter saved to {training_args.output_dir}"
     )
     trainer.accelerator.end_training()  # under accelerate launch / torchrun: the process group ends cleanly

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     say(
         f"\nHeld-out loss {before:.3f} -> {after:.3f} (perplexity {math.exp(before):.1f} -> {math.exp(after):.1f}) on "
         f"{len(test)} held-out pairs of {source}; LoRA r={model_args.lora_r}, VassoSFTTrainer rho={training_args.rho} "
-        f"theta={training_args.theta} adversary_prob={training_args.adversary_prob}, {trainer.state.global_step} "
+        f"theta={training_args.theta} adversary_prob={training_args.adversary_prob} "
+        f"adversary={training_args.adversary}, {trainer.state.global_step} "
         f"steps in {results['seconds']:.0f} s. Adapter saved to {training_args.output_dir}"
     )
     trainer.accelerator.end_training()

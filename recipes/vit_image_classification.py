@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.accelerator.print(
         f"Test accuracy {metrics['test_accuracy']:.2%} on {source} ({results['num_train']} train / "
         f"{results['num_test']} test images{noise}), {model_desc}, VASSO rho={training_args.rho} "
-        f"theta={training_args.theta} adversary_prob={training_args.adversary_prob}, "
+        f"theta={training_args.theta} adversary_prob={training_args.adversary_prob} "
+        f"adversary={training_args.adversary}, "
         f"{trainer.state.global_step} steps in {results['seconds']:.0f} s. "
         f"Model and results.json saved to {training_args.output_dir}"
     )

@@ -392,6 +392,53 @@ def test_theta_p_and_the_geometry_set_by_a_callback_are_read_at_the_next_step(tm
     assert trainer.args.adaptive == (trainer.vasso.adversary == "asam")  # the alias written back consistent
 
 
+class SetOnTheEngine(TrainerCallback):
+    """Sets `trainer.vasso.<name> = value` at the start of step `at` (0-based), as `optimizer.vasso.rho = ...` does
+    for the wrapper; `both` also sets `args.<name>` to another value."""
+
+    def __init__(self, trainer, at: int, both: bool = False, **values) -> None:
+        self.trainer, self.at, self.both, self.values = trainer, at, both, values
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            for name, value in self.values.items():
+                setattr(self.trainer.vasso, name, value)
+                if self.both:
+                    setattr(args, name, value / 2)
+
+
+@pytest.mark.parametrize("name, value", [("rho", 0.3), ("theta", 1.0), ("adversary_prob", 0.5), ("adversary", "asam")])
+def test_a_value_set_on_trainer_vasso_is_taken_and_written_back_to_the_arguments(tmp_path, name, value):
+    """`trainer.vasso.rho = 0.3` between steps is not undone by the arguments the Trainer reads each step: it is used
+    from that step on and written back to `args` (which checkpoints save)."""
+    trainer = VassoTrainer(make_model(), make_args(tmp_path, max_steps=3), train_dataset=make_dataset())
+    trainer.add_callback(SetOnTheEngine(trainer, 1, **{name: value}))
+    records = []
+    trainer.add_callback(Record(trainer, records, name))
+    trainer.train()
+    assert records == [getattr(make_args(tmp_path), name), value, value]
+    assert getattr(trainer.args, name) == value
+    assert trainer.args.adaptive == (trainer.args.adversary == "asam")
+
+
+def test_a_value_set_on_both_trainer_vasso_and_the_arguments_is_refused(tmp_path):
+    trainer = VassoTrainer(make_model(), make_args(tmp_path, max_steps=3), train_dataset=make_dataset())
+    trainer.add_callback(SetOnTheEngine(trainer, 1, both=True, rho=0.3))
+    with pytest.raises(ValueError, match=r"rho was set on both trainer.args \(0.15\) and trainer.vasso \(0.3\)"):
+        trainer.train()
+    assert trainer.vasso.step == 1
+
+
+class Record(TrainerCallback):
+    """The engine's value of `name` at each step, after the step's passes (which read it)."""
+
+    def __init__(self, trainer, records: list, name: str) -> None:
+        self.trainer, self.records, self.name = trainer, records, name
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.records.append(getattr(self.trainer.vasso, self.name))
+
+
 @pytest.mark.parametrize(
     "values, message",
     [({"theta": 1.5}, "theta=1.5 is invalid"), ({"adversary": "nope"}, "not a registered adversary geometry"),

@@ -395,3 +395,24 @@ def test_accumulation_recipe_equals_one_batch_of_k_times_b():
 def test_vasso_config_field_defaults_come_from_vasso_arguments():
     """Sentinel for the tests above: the default they rely on is VASSO's own."""
     assert VassoConfig.__dataclass_fields__["rho"].default == 0.05
+
+
+# ---------------------------------------------------------------- weights VASSO does not keep d for
+
+
+def test_float64_weights_are_refused_by_name_in_both_front_ends(tmp_path):
+    """d is kept in fp32, and the CPU plans move low-precision weights through fp32 copies: float64 weights would be
+    rounded in x + ε. Refused by name (the plain step would run), before anything changes."""
+    model = make_model()
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    model.double()  # cast after the wrapper was built: followed at the next step, so refused there
+    x, y = make_data()
+    before = weights(model)
+    with pytest.raises(TypeError, match=r"parameter #0 is torch.float64.*model.float\(\)"):
+        vasso_step(optimizer, lambda: model(x.double(), labels=y)["loss"])
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(TypeError, match=r"parameter #0 is torch.float64"):
+        VASSO(torch.optim.SGD(make_model().double().parameters(), lr=0.1))
+    trainer = VassoTrainer(make_model().double(), make_args(tmp_path, max_steps=1), train_dataset=make_dataset())
+    with pytest.raises(TypeError, match=r"net.0.weight is torch.float64"):
+        trainer.train()

@@ -7,6 +7,7 @@ the hub libraries are imported) and `accelerate launch` run as subprocesses.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,8 @@ import helpers
 import pytest
 import torch
 from helpers import needs_smollm2, tiny_llama
+
+from hf_vasso import VassoArguments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -111,7 +114,7 @@ def torch_equal(a, b) -> bool:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-VASSO_FLAGS = ["--rho", "--theta", "--adversary_prob", "--sync_adversary", "--adaptive"]
+VASSO_FLAGS = [f"--{f.name}" for f in dataclasses.fields(VassoArguments)]  # every field hf_vasso adds
 
 
 @pytest.mark.parametrize(
@@ -225,8 +228,9 @@ def test_accuracy_metric_loads_offline_by_path():
 @pytest.mark.data
 def test_vit_trains_and_reports(vit, tmp_path, capsys):
     out = tmp_path / "vit"
-    results = vit.main(TINY_VIT + ["--output_dir", str(out), "--eval_strategy", "steps", "--eval_steps", "1"])
-    assert results["global_steps"] == 2
+    flags = ["--output_dir", str(out), "--eval_strategy", "steps", "--eval_steps", "1", "--adversary", "asam"]
+    results = vit.main(TINY_VIT + flags)
+    assert results["global_steps"] == 2 and results["adversary"] == "asam"
     assert 0 <= results["test_accuracy"] <= 1
     assert results["data"].startswith(("Fashion-MNIST", "sklearn digits"))
     assert "from scratch" in results["model"]
@@ -239,7 +243,8 @@ def test_vit_trains_and_reports(vit, tmp_path, capsys):
         assert all(key in log for log in train_logs), key
     assert all(log["vasso/adversary_fraction"] == 1.0 for log in train_logs)
     assert sum("eval_accuracy" in log for log in logs) == 2  # the evaluate metric ran at each eval step
-    assert "Test accuracy" in capsys.readouterr().out.strip().splitlines()[-1]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "Test accuracy" in last and "adversary=asam" in last
 
 
 @pytest.mark.data

@@ -165,6 +165,18 @@ def test_interrupted_step_does_not_leak_into_the_resumed_run(tmp_path):
     assert_bit_identical(weights(full.model), weights(trainer.model))
 
 
+def test_a_second_train_call_logs_only_its_own_steps(tmp_path):
+    """Steps of the first `train()` after its last log (5 and 6 of 6, logging every 4) do not reach the second
+    run's first row, whose loss the Trainer too starts afresh: run at p = 0, it has no adversary step to report."""
+    args = make_args(tmp_path, max_steps=6, logging_steps=4)
+    trainer = VassoTrainer(make_model(), args, train_dataset=make_dataset())
+    trainer.train()
+    trainer.args.adversary_prob = 0.0
+    trainer.train()
+    (row,) = [r for r in trainer.state.log_history if "loss" in r]  # the second run's state and log
+    assert row["step"] == 4 and row["vasso/adversary_fraction"] == 0.0 and "vasso/perturbed_loss" not in row
+
+
 def test_out_of_memory_retry_starts_with_a_clean_step(tmp_path):
     """`auto_find_batch_size` restarts the loop after an out-of-memory error in the middle of a step."""
     args = make_args(

@@ -118,6 +118,21 @@ def test_first_step_under_an_accelerator_that_accumulates_is_refused_on_every_mi
     assert vasso.vasso.step == 0
 
 
+def test_the_accumulation_refusal_says_how_to_clear_a_setting_a_gone_accelerator_left():
+    """Accelerate's gradient state is process-wide and outlives the Accelerator that set it (a notebook that made
+    one earlier): the message says so, and that an `Accelerator()` made without accumulation clears it."""
+    from accelerate import Accelerator
+
+    accelerated(gradient_accumulation_steps=4)  # made and dropped
+    model = make_model()
+    x, y = make_data()
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    with pytest.raises(ValueError, match=r"outlives it.*Accelerator\(\) made without gradient_accumulation_steps"):
+        first_pass(model, optimizer, x, y)
+    Accelerator(cpu=True)
+    assert first_pass(model, optimizer, x, y)
+
+
 def test_a_second_first_step_without_a_base_step_is_refused():
     """eVASSO's skipped steps (`first_step` returned False) keep the pass-1 gradient for the base step: a loop that
     calls `second_step` only inside `if first_step(...)` would never step on them and add the next gradient onto
@@ -148,6 +163,62 @@ def test_first_step_after_the_scaler_unscaled_the_gradients_is_refused():
     with pytest.raises(ValueError, match=r"unscale_.*before first_step"):
         optimizer.first_step(zero_grad=True, grad_scaler=scaler)
     assert_unchanged(optimizer, before)
+
+
+# ---------------------------------------------------------------- a GradScaler's skipped steps
+
+
+def scaled_step(model, optimizer, scaler, x, y, poison=0, restore=True) -> None:
+    """One step of a plain fp16 loop: scaled pass 1, `first_step`, scaled pass 2, `restore()`, `scaler.step`,
+    `scaler.update()`; `poison` puts an inf into that pass's gradient (what an fp16 overflow gives)."""
+    scaler.scale(model(x, labels=y)["loss"]).backward()
+    if poison == 1:
+        model.net[0].weight.grad[0, 0] = float("inf")
+    if optimizer.first_step(zero_grad=True, grad_scaler=scaler):
+        scaler.scale(model(x, labels=y)["loss"]).backward()
+        if poison == 2:
+            model.net[0].weight.grad[0, 0] = float("inf")
+    if restore:
+        optimizer.restore()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("poison, adversary_prob", [(2, 1.0), (1, 0.0)])
+def test_a_step_the_scaler_skips_leaves_the_weights_as_they_were_and_the_next_step_runs(poison, adversary_prob):
+    """`scaler.step` skips the base step on an overflow without calling the wrapper: the weights stay x (restored
+    before it), and the next `first_step` takes up the skipped step instead of refusing it as a missing base step."""
+    model = make_model()
+    x, y = make_data()
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, adversary_prob=adversary_prob)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaled_step(model, optimizer, scaler, x, y)
+    before = weights(model)
+    scaled_step(model, optimizer, scaler, x, y, poison=poison)
+    assert scaler.get_scale() == 512.0  # the scaler skipped the step
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    scaled_step(model, optimizer, scaler, x, y)
+    assert not all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert scaler.get_scale() == 512.0 and optimizer.vasso.step == 3
+
+
+@pytest.mark.parametrize("skipped", [False, True])
+def test_with_a_scaler_a_step_without_restore_first_is_refused_and_the_weights_restored(skipped):
+    """Without `restore()` before `scaler.step`, a step the scaler skips would leave x + ε in the weights (the
+    wrapper is not called): refused where the wrapper sees it, at its `step()` or at the next `first_step`, with
+    the weights put back first."""
+    model = make_model()
+    x, y = make_data()
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = weights(model)
+    with pytest.raises(RuntimeError, match=r"restore\(\) before scaler.step"):
+        scaled_step(model, optimizer, scaler, x, y, poison=2 if skipped else 0, restore=False)
+        assert skipped and scaler.get_scale() == 512.0
+        scaled_step(model, optimizer, scaler, x, y)
+    assert not optimizer.vasso.perturbed
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
 # ---------------------------------------------------------------- values changed between steps
@@ -299,3 +370,31 @@ def test_with_a_scaler_a_nonfinite_pass_1_gradient_on_a_skipped_step_is_left_for
     scaler.update()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert scaler.get_scale() < 1024.0
+
+
+# ---------------------------------------------------------------- copies
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_wrapper_continues_as_the_original(how):
+    """`copy.deepcopy` and pickle of a model with its wrapper (as torch optimizers allow): the copy holds the same
+    d, step and base state, and continues bit for bit."""
+    import copy
+    import pickle
+
+    model = make_model()
+    x, y = make_data()
+    optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=1e-2), rho=0.05, theta=0.4, model=model)
+    for _ in range(2):
+        vasso_step(optimizer, loss_of(model, x, y))
+    pair = (model, optimizer)
+    twin, twin_optimizer = copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
+    assert twin_optimizer.vasso.step == 2 and twin_optimizer.vasso.params[0] is next(twin.parameters())
+    for _ in range(2):
+        vasso_step(optimizer, loss_of(model, x, y))
+        vasso_step(twin_optimizer, loss_of(twin, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    model(x, labels=y)["loss"].backward()
+    optimizer.first_step(zero_grad=True)  # perturbed: the saved weights would not travel
+    with pytest.raises(RuntimeError, match=r"while the weights are perturbed; call restore\(\) first"):
+        copy.deepcopy(pair) if how == "deepcopy" else pickle.dumps(pair)
