@@ -273,22 +273,28 @@ _WRITE_ONLY = {"copy_", "zero_", "fill_", "_foreach_copy_", "_foreach_zero_", "_
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 
 
-def _elements(t: torch.Tensor) -> int:
-    """Distinct elements a tensor operand streams: broadcast (stride-0) dimensions and scalars count once."""
+def _elements(t: torch.Tensor, weight_bytes: int) -> tuple[int, int]:
+    """(distinct elements, bytes each) a tensor operand streams: broadcast (stride-0) dimensions and scalars count
+    once, and a complex128 operand, the engine's 16-byte view of a gradient (`hf_vasso.ops.words`), counts in the
+    weights' elements (`weight_bytes` each)."""
     n = 1
     for size, stride in zip(t.shape, t.stride()):
         if stride != 0:
             n *= size
-    return n if n > 1 else 0
+    size = t.element_size()
+    if t.dtype == torch.complex128:
+        n, size = n * size // weight_bytes, weight_bytes
+    return (n if n > 1 else 0), size
 
 
 class PassCounter(TorchDispatchMode):
     """Adds up the elements and bytes every aten op reads and writes (see the module docstring); `accelerator`
-    counts `masked_fill_` as a GPU's kernel streams it (the whole tensor read and written, the mask set or not)."""
+    counts `masked_fill_` as a GPU's kernel streams it (the whole tensor read and written, the mask set or not);
+    `weight_bytes`: the trainable weights' element size."""
 
-    def __init__(self, accelerator: bool = False) -> None:
+    def __init__(self, accelerator: bool = False, weight_bytes: int = 4) -> None:
         super().__init__()
-        self.accelerator = accelerator
+        self.accelerator, self.weight_bytes = accelerator, weight_bytes
         self.elements = 0
         self.bytes = 0
         self.ops: dict[str, int] = {}
@@ -296,9 +302,9 @@ class PassCounter(TorchDispatchMode):
     def _add(self, tensors) -> None:
         for t in tensors:
             if isinstance(t, torch.Tensor):
-                n = _elements(t)
+                n, size = _elements(t, self.weight_bytes)
                 self.elements += n
-                self.bytes += n * t.element_size()
+                self.bytes += n * size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -345,7 +351,7 @@ def count_passes(runner, params, g, h, accelerator: bool = False) -> PassCounter
     if accelerator:
         ops.CPU_PLAN_DEVICES.clear()
     try:
-        with PassCounter(accelerator) as counter:
+        with PassCounter(accelerator, params[0].element_size()) as counter:
             step(runner, params, g, h)
     finally:
         ops.CPU_PLAN_DEVICES.update(cpu_plan)

@@ -21,13 +21,16 @@ EXPECTED = {
 @pytest.mark.parametrize("accelerator, passes", [(False, 0), (True, 2)])
 def test_pass_counter_streams_masked_fill_as_the_device_does(accelerator, passes):
     """A `masked_fill_` whose 0-d mask is not set writes nothing on a CPU; a GPU's kernel reads and writes the whole
-    tensor (`out = mask ? value : self`), so the accelerators' count has it as two passes."""
+    tensor (`out = mask ? value : self`), so the accelerators' count has it as two passes, in the weights' elements
+    also through the engine's 16-byte view of a large tensor (`ops.words`)."""
     from bookkeeping import PassCounter
 
-    t = torch.ones(1000)
-    with PassCounter(accelerator=accelerator) as counter:
-        t.masked_fill_(torch.zeros((), dtype=torch.bool), 0)
-    assert counter.elements == passes * t.numel()
+    from hf_vasso.ops import words
+
+    for t in (torch.ones(1000), torch.ones(1 << 16), torch.ones(1 << 16, dtype=torch.bfloat16)):
+        with PassCounter(accelerator=accelerator, weight_bytes=t.element_size()) as counter:
+            words(t).masked_fill_(torch.zeros((), dtype=torch.bool), 0)
+        assert counter.elements == passes * t.numel() and counter.bytes == passes * t.numel() * t.element_size()
 
 
 @pytest.mark.slow
