@@ -48,8 +48,9 @@ class VassoArguments:
             pytorch_optimizer, with `d` in place of the gradient); or any name registered with
             `hf_vasso.adversary.register_geometry`. A param group's own `"adversary"` key overrides it.
         adaptive (`bool`, *optional*):
-            davda54/sam's and pytorch_optimizer's switch, kept as an alias: `adaptive=True` is `adversary="asam"`;
-            `False` beside `adversary="asam"` is refused. After construction it reads `adversary == "asam"`.
+            davda54/sam's and pytorch_optimizer's switch, kept as an alias: `adaptive=True` is `adversary="asam"`.
+            After construction it reads `adversary == "asam"`, so `adversary="asam"` wins over `adaptive=False`
+            (a `dataclasses.replace` of a default config stays valid; the `VASSO` wrapper refuses the pair).
 
     Example:
 

@@ -15,10 +15,12 @@ from torch.distributed.tensor import DTensor
 
 from .module_state import BufferSnapshot
 from .rules import (
+    SUPPORTED_DTYPES,
     refuse_accelerate_accumulation,
     refuse_repeated_tensors,
     refuse_scaler_step_while_perturbed,
     refuse_step_without_first_step,
+    refuse_unsupported_dtype,
 )
 from .sharding import local
 from .update import VassoUpdate
@@ -169,7 +171,9 @@ class VASSO(torch.optim.Optimizer):
 
     # torch's Optimizer pickles only defaults, state and param_groups; the wrapper is its base optimizer and engine.
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # Without the `step` an LR scheduler puts on the instance (it holds a weak reference to this optimizer):
+        # torch's own Optimizer.__getstate__ drops it too, and the copy's scheduler installs its own.
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -199,6 +203,8 @@ class VASSO(torch.optim.Optimizer):
             refuse_repeated_tensors(self.vasso.params + params, "add_param_group")
             param_group = {**param_group, "params": params}
         self.vasso._check_group(param_group, len(self.param_groups))
+        for dtype in {p.dtype for p in params if p.requires_grad} - set(SUPPORTED_DTYPES):
+            refuse_unsupported_dtype(f"a tensor of the new param group {len(self.param_groups)}", dtype)
         self.base_optimizer.add_param_group(param_group)  # validates and fills the base's defaults
         self.vasso._sync_groups()
 
@@ -333,6 +339,7 @@ class VASSO(torch.optim.Optimizer):
         if not _is_plain_optimizer_state(state):
             state["vasso"] = {**vasso, "d": d}
             return state
+        state["state"] = {i: dict(s) for i, s in state["state"].items()}  # torch hands out its live per-tensor dicts
         for i, t in enumerate(d):
             if t is not None:
                 state["state"].setdefault(i, {})[D_KEY] = _as_dtensor_like(t, self.vasso.params[i])

@@ -125,8 +125,10 @@ def validate_vasso_arguments(args: Any) -> None:
     refuse_deepspeed(getattr(args, "deepspeed", None))
     # Stored as float whatever real-number type was given (numpy scalars, 0-d tensors): it is saved and logged.
     args.rho, args.theta, args.adversary_prob = check_hyperparameters(args.rho, args.theta, args.adversary_prob)
-    # The geometry by name; `adaptive` is its alias (True: "asam"). Both kept consistent for later readers.
-    args.adversary = resolve_adversary(args.adversary, args.adaptive)
+    # The geometry by name; `adaptive` is its alias (True: "asam"). Both kept consistent for later readers. The
+    # config writes `adaptive` itself, so `adaptive=False` beside "asam" may be its own write (`dataclasses.replace`
+    # of a default config): "asam" wins.
+    args.adversary = resolve_adversary(args.adversary, args.adaptive or None)
     args.adaptive = args.adversary == "asam"
     if hasattr(args, "seed"):
         args.seed = check_seed(args.seed)

@@ -203,7 +203,8 @@ class VassoTrainerMixin:
                 on both `trainer.args` and `trainer.vasso` since the last step, differently.
         """
         args = self.args
-        written = self._vasso_written[1] if self._vasso_written and self._vasso_written[0] is vasso else {}
+        new_engine = self._vasso_written is None or self._vasso_written[0] is not vasso  # built from args
+        written = {} if new_engine else self._vasso_written[1]
         for name in ("rho", "theta", "adversary_prob"):
             on_engine, in_args = getattr(vasso, name), getattr(args, name)
             if name in written and on_engine != written[name]:
@@ -214,22 +215,23 @@ class VassoTrainerMixin:
                     )
                 setattr(args, name, on_engine)
             setattr(vasso, name, getattr(args, name))
-        self._vasso_written = (vasso, {n: getattr(vasso, n) for n in ("rho", "theta", "adversary_prob")})
-        seen = self._vasso_geometry_seen or (args.adversary, args.adaptive)
-        if self._vasso_geometry_seen and vasso.adversary != seen[0]:  # set on trainer.vasso
-            if (args.adversary, args.adaptive) != seen:
-                raise ValueError(
-                    f"The geometry was set on both trainer.args ({args.adversary!r}, adaptive={args.adaptive}) and "
-                    f"trainer.vasso ({vasso.adversary!r}) since the last step: set one of them."
-                )
-        elif args.adversary == seen[0] and args.adaptive != seen[1]:
-            vasso.adversary = "asam" if args.adaptive else "vasso"
+        seen = (args.adversary, args.adaptive) if new_engine else self._vasso_geometry_seen
+        if args.adversary == seen[0] and args.adaptive != seen[1]:
+            in_args = "asam" if args.adaptive else "vasso"
         elif args.adversary != seen[0] and args.adaptive != seen[1]:
-            vasso.adversary = resolve_adversary(args.adversary, args.adaptive)
+            in_args = resolve_adversary(args.adversary, args.adaptive)
         else:
-            vasso.adversary = args.adversary
+            in_args = args.adversary
+        if vasso.adversary != seen[0] and (args.adversary, args.adaptive) != seen and in_args != vasso.adversary:
+            raise ValueError(
+                f"The geometry was set on both trainer.args ({in_args!r}) and trainer.vasso ({vasso.adversary!r}) "
+                "since the last step: set one of them."
+            )
+        if vasso.adversary == seen[0]:  # else set on trainer.vasso: taken
+            vasso.adversary = in_args
         args.adversary, args.adaptive = vasso.adversary, vasso.adversary == "asam"
         self._vasso_geometry_seen = (args.adversary, args.adaptive)
+        self._vasso_written = (vasso, {n: getattr(vasso, n) for n in ("rho", "theta", "adversary_prob")})
 
     def perturbed_pass_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """The context pass 2 runs in (the forward and backward passes at `x + ε`, all micro-batches of the step).

@@ -479,3 +479,22 @@ def test_a_checkpoint_with_a_damaged_or_missing_optimizer_scheduler_or_rng_file_
     problem = checkpoint_problem(str(tmp_path / "checkpoint-6"))
     assert problem is not None and name in problem
     assert newest_complete_checkpoint(str(tmp_path))[0] == str(tmp_path / "checkpoint-4")
+
+
+def test_the_geometry_changed_in_args_before_a_run_with_a_new_engine_is_taken(tmp_path):
+    """`model_init` re-training builds a new engine from `args`: the geometry the old run last read is no reference
+    for it (it was refused as "set on both" with two equal values)."""
+    trainer = VassoTrainer(model_init=lambda: make_model(), args=make_args(tmp_path, max_steps=2, adversary="asam"),
+                           train_dataset=make_dataset())  # fmt: skip
+    trainer.train()
+    trainer.args.adversary, trainer.args.adaptive = "vasso", False
+    trainer.train()
+    assert trainer.vasso.adversary == "vasso"
+
+
+def test_the_same_geometry_set_on_both_trainer_vasso_and_the_arguments_is_accepted(tmp_path):
+    trainer = VassoTrainer(make_model(), make_args(tmp_path, max_steps=3), train_dataset=make_dataset())
+    trainer.add_callback(SetOnTheEngine(trainer, 1, adversary="asam"))
+    trainer.add_callback(SetArguments(1, adversary="asam"))
+    trainer.train()
+    assert trainer.vasso.adversary == "asam" and trainer.args.adaptive

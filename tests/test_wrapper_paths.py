@@ -398,3 +398,45 @@ def test_a_copied_wrapper_continues_as_the_original(how):
     optimizer.first_step(zero_grad=True)  # perturbed: the saved weights would not travel
     with pytest.raises(RuntimeError, match=r"while the weights are perturbed; call restore\(\) first"):
         copy.deepcopy(pair) if how == "deepcopy" else pickle.dumps(pair)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_with_its_lr_scheduler_steps_its_own_optimizer(how):
+    """torch's LR schedulers put a `step` wrapper on the optimizer instance, holding a weak reference to it: a copy
+    must not carry it over (it would step the original), as torch's own `Optimizer.__getstate__` drops it."""
+    import copy
+    import pickle
+
+    model = make_model()
+    x, y = make_data()
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+    vasso_step(optimizer, loss_of(model, x, y))
+    scheduler.step()
+    triple = (model, optimizer, scheduler)
+    twin, twin_optimizer, twin_scheduler = (
+        copy.deepcopy(triple) if how == "deepcopy" else pickle.loads(pickle.dumps(triple))
+    )
+    for m, o, s in (triple, (twin, twin_optimizer, twin_scheduler)):
+        vasso_step(o, loss_of(m, x, y))
+        s.step()
+    assert optimizer.vasso.step == twin_optimizer.vasso.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_state_dict_leaves_the_base_optimizers_live_state_alone():
+    model = make_model()
+    x, y = make_data()
+    optimizer = VASSO(torch.optim.AdamW(model.parameters(), lr=0.1), rho=0.05)
+    vasso_step(optimizer, loss_of(model, x, y))
+    keys = [sorted(s) for s in optimizer.base_optimizer.state.values()]
+    optimizer.state_dict()
+    assert [sorted(s) for s in optimizer.base_optimizer.state.values()] == keys
+
+
+def test_a_float64_group_added_through_the_wrapper_is_refused_before_it_reaches_either():
+    model, extra = make_model(), torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    optimizer = VASSO(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    with pytest.raises(TypeError, match="is torch.float64"):
+        optimizer.add_param_group({"params": [extra]})
+    assert len(optimizer.param_groups) == 1 and len(optimizer.vasso.params) == len(list(model.parameters()))
