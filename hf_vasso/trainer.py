@@ -215,7 +215,9 @@ class VassoTrainerMixin:
                     )
                 setattr(args, name, on_engine)
             setattr(vasso, name, getattr(args, name))
-        seen = (args.adversary, args.adaptive) if new_engine else self._vasso_geometry_seen
+        # As the last step read them, also for a new engine (built from `args.adversary` alone): an alias changed
+        # since then still selects the geometry.
+        seen = self._vasso_geometry_seen or (args.adversary, args.adaptive)
         if args.adversary == seen[0] and args.adaptive != seen[1]:
             in_args = "asam" if args.adaptive else "vasso"
         elif args.adversary != seen[0] and args.adaptive != seen[1]:

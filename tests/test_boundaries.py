@@ -498,3 +498,14 @@ def test_the_same_geometry_set_on_both_trainer_vasso_and_the_arguments_is_accept
     trainer.add_callback(SetArguments(1, adversary="asam"))
     trainer.train()
     assert trainer.vasso.adversary == "asam" and trainer.args.adaptive
+
+
+def test_adaptive_changed_alone_before_a_run_with_a_new_engine_selects_the_geometry(tmp_path):
+    """`args.adaptive = False` alone after an ASAM run (the alias changed, `args.adversary` still "asam"): the new
+    engine of a `model_init` run takes VASSO's geometry, as it would at the next step of the same run."""
+    trainer = VassoTrainer(model_init=lambda: make_model(), args=make_args(tmp_path, max_steps=2, adversary="asam"),
+                           train_dataset=make_dataset())  # fmt: skip
+    trainer.train()
+    trainer.args.adaptive = False
+    trainer.train()
+    assert trainer.vasso.adversary == "vasso" and trainer.args.adversary == "vasso"
